@@ -1,0 +1,47 @@
+# SimMerge — every step a fresh machine needs. `make demo` then `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+STAMP := $(VENV)/.installed
+# Where demo state lives (catalog database, signatures, predictor); kept out of ~/.simmerge.
+DEMO_HOME ?= $(CURDIR)/.cache/demo-home
+DEMO_ZOO ?= $(CURDIR)/.cache/zoo-ci-0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test lint format bench bench-merge bench-features labels predictor clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned (constraints.txt) so pip takes the CPU build on disk.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev,mergekit]'
+	touch $@
+
+demo: venv
+	$(BIN)/python -m simmerge.demo --home $(DEMO_HOME) --zoo $(DEMO_ZOO)
+
+test: venv
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: bench-merge
+	$(BIN)/pytest -q -m slow
+
+bench-merge: venv
+	$(PIP) -e '.[bench]'
+	$(BIN)/python -m bench.bench_merge
+
+clean:
+	rm -rf .cache .pytest_cache .ruff_cache

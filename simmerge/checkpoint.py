@@ -1,0 +1,295 @@
+"""Read Hugging Face safetensors checkpoints one tensor at a time.
+
+Only the safetensors headers are parsed up front; a tensor's bytes are read with `os.preadv` into a
+buffer of exactly its size, so reading costs one tensor of memory, never a whole shard (no mmap of
+multi-GB files whose touched pages would count towards the process's resident set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from simmerge.errors import CheckpointError, IncompatibleCheckpointsError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file we should trust
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# Names under which architectures store their input embedding, for resolving a tied lm_head.
+_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: enough to read it without touching any other."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header into absolute byte ranges, validating as we go."""
+    try:
+        with file.open("rb") as handle:
+            raw_len = handle.read(8)
+            if len(raw_len) != 8:
+                raise CheckpointError(f"{file}: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > _HEADER_LIMIT:
+                raise CheckpointError(f"{file}: safetensors header of {header_len} bytes is implausible")
+            header = json.loads(handle.read(header_len))
+        size = file.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc.strerror})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: safetensors header is not valid JSON") from exc
+    data_start = 8 + header_len
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype")
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype!r}")
+        begin, end = entry["data_offsets"]
+        if not 0 <= begin <= end or data_start + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} has byte range [{begin}, {end}) outside the file")
+        infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, data_start + begin, end - begin)
+    return infos
+
+
+def _pread_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill `buffer` from `offset`, looping because one preadv may return fewer bytes than asked."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class Checkpoint:
+    """A Hugging Face model directory whose weights are safetensors (one file or an index of shards)."""
+
+    def __init__(self, path: Path, config: dict, tensors: dict[str, TensorInfo]) -> None:
+        self.path = path
+        self.config = config
+        self.tensors = tensors
+        self._hash: str | None = None
+        self._tensor_digests: dict[str, bytes] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: no such checkpoint directory")
+        config_path = root / "config.json"
+        if not config_path.is_file():
+            raise CheckpointError(f"{root}: not a checkpoint (no config.json)")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{config_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+        tensors: dict[str, TensorInfo] = {}
+        for file in cls._weight_files(root):
+            tensors.update(read_safetensors_header(file))
+        if not tensors:
+            raise CheckpointError(f"{root}: the safetensors files hold no tensors")
+        return cls(root, config, tensors)
+
+    @staticmethod
+    def _weight_files(root: Path) -> list[Path]:
+        index = root / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from exc
+            files = [root / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: names shard {missing[0]}, which does not exist")
+            return files
+        if (root / SINGLE_FILE).is_file():
+            return [root / SINGLE_FILE]
+        if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+            raise CheckpointError(
+                f"{root}: only pickle weights (*.bin/*.pt); SimMerge loads safetensors only"
+            )
+        raise CheckpointError(f"{root}: not a checkpoint (no {SINGLE_FILE} or {INDEX_FILE})")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the lm_head is the input embedding (stored once, or not at all)."""
+        text_config = self.config.get("text_config", self.config)
+        return bool(text_config.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return str(archs[0])
+
+    def names(self) -> list[str]:
+        """Stored tensor names in file order (shard by shard, offset by offset)."""
+        return [t.name for t in sorted(self.tensors.values(), key=lambda t: (str(t.file), t.start))]
+
+    def has(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def _resolve(self, name: str) -> TensorInfo | None:
+        info = self.tensors.get(name)
+        if info is None and name == LM_HEAD and self.tied_embeddings:
+            info = next((self.tensors[n] for n in _EMBEDDING_NAMES if n in self.tensors), None)
+        return info
+
+    def info(self, name: str) -> TensorInfo:
+        info = self._resolve(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return info
+
+    def read(self, name: str, device: str | torch.device = "cpu", *, digest: bool = False) -> torch.Tensor:
+        """Read one tensor; memory cost is that tensor alone.
+
+        With `digest`, the tensor's sha256 is noted on the way, so a caller that reads every tensor
+        anyway (the merge engine) gets `content_hash()` without a second pass over the files.
+        """
+        info = self.info(name)
+        buffer = bytearray(info.nbytes)
+        if info.nbytes:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                _pread_exact(fd, memoryview(buffer), info.start, info.file)
+            finally:
+                os.close(fd)
+        if digest and info.name not in self._tensor_digests:
+            self._tensor_digests[info.name] = hashlib.sha256(buffer).digest()
+        flat = (
+            torch.frombuffer(buffer, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
+        )
+        tensor = flat.view(info.torch_dtype).reshape(info.shape)
+        return tensor.to(device) if torch.device(device).type != "cpu" else tensor
+
+    def iter_tensors(self, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.read(name, device)
+
+    @cached_property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @cached_property
+    def num_parameters(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    def content_hash(self) -> str:
+        """sha256 over (name, dtype, shape, sha256 of bytes) of every tensor, in name order.
+
+        Hashing tensors rather than files makes the hash independent of sharding and header layout,
+        so a re-sharded copy of the same weights is recognised as the same checkpoint; per-tensor
+        digests let a full read that happens anyway (a merge) provide them.
+        """
+        if self._hash is None:
+            combined = hashlib.sha256()
+            for name in sorted(self.tensors):
+                info = self.tensors[name]
+                if name not in self._tensor_digests:
+                    self._tensor_digests[name] = self._digest_tensor(info)
+                combined.update(f"{name}\0{info.dtype}\0{list(info.shape)}\0".encode())
+                combined.update(self._tensor_digests[name])
+            self._hash = combined.hexdigest()
+        return self._hash
+
+    @staticmethod
+    def _digest_tensor(info: TensorInfo) -> bytes:
+        digest = hashlib.sha256()
+        with info.file.open("rb") as handle:
+            handle.seek(info.start)
+            remaining = info.nbytes
+            while remaining:
+                chunk = handle.read(min(remaining, 16 * 2**20))
+                if not chunk:
+                    raise CheckpointError(f"{info.file}: truncated inside tensor {info.name!r}")
+                digest.update(chunk)
+                remaining -= len(chunk)
+        return digest.digest()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self.tensors)})"
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint]) -> list[str]:
+    """Return the tensor names a merge of these checkpoints produces, or name the first mismatch.
+
+    The names are the reference's (the first checkpoint, normally the base) plus any that another
+    stores explicitly (an untied lm_head); a tied lm_head resolves to the embedding, so checkpoints
+    that differ only in how they store tied embeddings are compatible.
+    """
+    if not checkpoints:
+        raise IncompatibleCheckpointsError("no checkpoints to merge")
+    reference = checkpoints[0]
+    names = reference.names()
+    extra = [n for ckpt in checkpoints[1:] for n in ckpt.names() if n not in reference.tensors]
+    names += list(dict.fromkeys(extra))
+    for name in names:
+        ref_info = reference._resolve(name)
+        for ckpt in checkpoints:
+            info = ckpt._resolve(name)
+            if info is None:
+                raise IncompatibleCheckpointsError(f"tensor {name!r} is missing from {ckpt.path}")
+            if ref_info is None:
+                ref_info = info
+            if info.shape != ref_info.shape:
+                raise IncompatibleCheckpointsError(
+                    f"tensor {name!r} has shape {list(info.shape)} in {ckpt.path} "
+                    f"but {list(ref_info.shape)} in {reference.path}"
+                )
+            if info.dtype != ref_info.dtype:
+                raise IncompatibleCheckpointsError(
+                    f"tensor {name!r} has dtype {info.dtype} in {ckpt.path} but {ref_info.dtype} in {reference.path}"
+                )
+    return names
