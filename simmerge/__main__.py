@@ -1,0 +1,5 @@
+"""`python -m simmerge` is the `simmerge` command."""
+
+from simmerge.cli import main
+
+main()
