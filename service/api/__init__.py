@@ -1,0 +1,1 @@
+"""REST routers, all mounted under /v1."""

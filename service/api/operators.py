@@ -1,0 +1,97 @@
+"""Operator families from the core registry, and parameterised settings added as bandit arms."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from service.adapters import Selector
+from service.api.deps import get_selector, get_store
+from service.api.schemas import ArmIn, ArmOut, OperatorOut
+from service.auth import require_scope
+from service.store import Store
+from simmerge.errors import NotFoundError
+
+router = APIRouter(prefix="/operators", tags=["operators"])
+
+
+def _families() -> dict[str, Any]:
+    """Name → operator, from `simmerge.operators.list_operators()` (names or operator objects)."""
+    from simmerge import operators
+
+    found: dict[str, Any] = {}
+    for item in operators.list_operators():
+        op = operators.get_operator(item) if isinstance(item, str) else item
+        found[op.name] = op
+    return found
+
+
+def _family(name: str) -> Any:
+    families = _families()
+    if name not in families:
+        raise NotFoundError(f"no operator family {name!r} (known: {', '.join(sorted(families))})")
+    return families[name]
+
+
+def _arm_out(arm: Any) -> dict:
+    return {"name": arm.name, "family": arm.family, "parameters": arm.parameters}
+
+
+def _operator_out(op: Any, arms: list[Any]) -> dict:
+    return {
+        "name": op.name,
+        "needs_base": bool(getattr(op, "needs_base", False)),
+        "min_models": getattr(op, "min_models", None),
+        "max_models": getattr(op, "max_models", None),
+        "elementwise": bool(getattr(op, "elementwise", True)),
+        "arms": [_arm_out(a) for a in arms if a.family == op.name],
+    }
+
+
+@router.get("", response_model=list[OperatorOut])
+def list_operator_families(
+    store: Annotated[Store, Depends(get_store)], _: Annotated[str, Depends(require_scope("read"))]
+) -> list[dict]:
+    arms = store.list_arms()
+    return [_operator_out(op, arms) for op in _families().values()]
+
+
+@router.get("/{family}", response_model=OperatorOut)
+def get_operator_family(
+    family: str,
+    store: Annotated[Store, Depends(get_store)],
+    _: Annotated[str, Depends(require_scope("read"))],
+) -> dict:
+    return _operator_out(_family(family), store.list_arms(family))
+
+
+@router.post("/{family}/arms", response_model=ArmOut, status_code=201)
+def add_operator_arm(
+    family: str,
+    body: ArmIn,
+    store: Annotated[Store, Depends(get_store)],
+    selector: Annotated[Selector, Depends(get_selector)],
+    _: Annotated[str, Depends(require_scope("write"))],
+) -> dict:
+    """Validate the setting with the operator itself (filling defaults), then store it as a new arm."""
+    op = _family(family)
+    n_models = max(int(getattr(op, "min_models", 2) or 2), 2)
+    if getattr(op, "max_models", None):
+        n_models = min(n_models, int(op.max_models))
+    params, _model_params = op.validate(
+        dict(body.parameters), [{} for _ in range(n_models)], n_models, bool(getattr(op, "needs_base", False))
+    )
+    arm = store.add_arm(family, dict(params), body.name)
+    selector.add_arm(family, dict(params))
+    return _arm_out(arm)
+
+
+@router.get("/{family}/arms", response_model=list[ArmOut])
+def list_operator_arms(
+    family: str,
+    store: Annotated[Store, Depends(get_store)],
+    _: Annotated[str, Depends(require_scope("read"))],
+) -> list[dict]:
+    _family(family)
+    return [_arm_out(a) for a in store.list_arms(family)]

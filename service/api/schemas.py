@@ -1,0 +1,184 @@
+"""Request and response bodies (they also make the OpenAPI document at /docs)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Page(BaseModel):
+    total: int
+    offset: int
+    limit: int
+
+
+class CheckpointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, description="directory under a configured catalog root")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    base: str | None = Field(default=None, max_length=200)
+    tasks: list[str] = Field(default_factory=list)
+    family: str | None = Field(default=None, max_length=200)
+    tags: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    path: str
+    base: str | None
+    content_hash: str
+    architecture: str
+    tasks: list[str]
+    family: str | None
+    tags: dict[str, Any]
+    plan: dict[str, Any] | None
+    num_parameters: int
+
+
+class CheckpointPage(Page):
+    items: list[CheckpointOut]
+
+
+class TaskOut(BaseModel):
+    name: str
+    metric: str
+    held_out: bool
+    examples: int | None = None
+
+
+class ArmIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ArmOut(BaseModel):
+    name: str
+    family: str
+    parameters: dict[str, Any]
+
+
+class OperatorOut(BaseModel):
+    name: str
+    needs_base: bool
+    min_models: int | None
+    max_models: int | None
+    elementwise: bool
+    arms: list[ArmOut]
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
+
+
+class TokenOut(BaseModel):
+    name: str
+    scopes: list[str]
+    token: str = Field(description="shown once; only its sha256 is stored")
+
+
+class RecommendationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] = Field(min_length=2, max_length=64)
+    top: int = Field(default=3, ge=1, le=100)
+    task: str | None = None
+
+
+class RecommendedPlan(BaseModel):
+    rank: int
+    models: list[str]
+    steps: list[dict[str, Any]]
+    predicted_score: float
+    uncertainty: float
+    mergekit_yaml: str
+    drivers: list[Any] | dict[str, Any] = Field(default_factory=list)
+
+
+class RecommendationOut(BaseModel):
+    plans: list[RecommendedPlan]
+
+
+class MergeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="catalog name of the merged checkpoint")
+    plan: dict[str, Any] | None = Field(default=None, description="a plan as Plan.to_dict() writes it")
+    mergekit_yaml: str | None = Field(default=None, max_length=1_000_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+
+class ScoringIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] | None = Field(default=None, description="defaults to the whole catalog")
+    methods: list[str] | None = None
+
+
+class FeaturesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: list[str] | None = Field(default=None, description="defaults to the whole catalog")
+    probes: str | None = Field(default=None, description="name of an uploaded task used as probes")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float
+    message: str | None
+    attempts: int
+    max_attempts: int
+    error: str | None
+    cancel_requested: bool
+    request: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class JobPage(Page):
+    items: list[JobOut]
+
+
+class ScoreRow(BaseModel):
+    model_a: str
+    model_b: str
+    method: str
+    parameters: dict[str, Any]
+    predicted_score: float
+    uncertainty: float
+
+
+class ScorePage(Page):
+    items: list[ScoreRow]
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_id: str | None = Field(default=None, description="the merge job that made the checkpoint")
+    checkpoint: str | None = Field(default=None, description="or the merged checkpoint's catalog name")
+    task: str = Field(min_length=1, max_length=200)
+    score: float = Field(allow_inf_nan=False)
+
+
+class FeedbackOut(BaseModel):
+    id: int
+    checkpoint: str
+    task: str
+    score: float
+    merge_id: str | None

@@ -1,0 +1,70 @@
+"""Recommendations (synchronous, from cached signatures only) and feedback for the bandit."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
+
+from service.adapters import Selector
+from service.api.deps import get_catalog, get_selector, get_store
+from service.api.schemas import FeedbackIn, FeedbackOut, RecommendationIn, RecommendationOut
+from service.auth import require_scope
+from service.store import Store
+from simmerge.catalog import Catalog
+from simmerge.errors import NotFoundError, SimMergeError
+
+router = APIRouter(tags=["recommendations"])
+
+
+@router.post("/recommendations", response_model=RecommendationOut)
+async def recommend(
+    body: RecommendationIn,
+    catalog: Annotated[Catalog, Depends(get_catalog)],
+    selector: Annotated[Selector, Depends(get_selector)],
+    _: Annotated[str, Depends(require_scope("read"))],
+) -> dict:
+    """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint."""
+    if len(set(body.models)) != len(body.models):
+        raise SimMergeError("'models' lists a checkpoint twice")
+    known = await run_in_threadpool(lambda: {e.name for e in catalog.list()})
+    for model in body.models:
+        if model not in known:
+            raise NotFoundError(f"{model!r} is not a checkpoint in the catalog")
+    plans = await run_in_threadpool(selector.recommend, body.models, top=body.top, task=body.task)
+    return {"plans": plans}
+
+
+@router.post("/feedback", response_model=FeedbackOut, status_code=201, tags=["feedback"])
+def feedback(
+    body: FeedbackIn,
+    store: Annotated[Store, Depends(get_store)],
+    catalog: Annotated[Catalog, Depends(get_catalog)],
+    selector: Annotated[Selector, Depends(get_selector)],
+    _: Annotated[str, Depends(require_scope("write"))],
+) -> dict:
+    """Record a measured score of a merge on a task and teach the bandit with it."""
+    if (body.merge_id is None) == (body.checkpoint is None):
+        raise SimMergeError("give exactly one of 'merge_id' and 'checkpoint'")
+    if body.merge_id is not None:
+        job = store.get_job(body.merge_id, "merge")
+        checkpoint, plan = job.request["name"], job.request["plan"]
+    else:
+        entry = catalog.get(body.checkpoint or "")
+        if not entry.plan:
+            raise SimMergeError(f"checkpoint {entry.name!r} is not a merge (it has no plan)")
+        checkpoint, plan = entry.name, entry.plan
+    if all(t.name != body.task for t in catalog.tasks()):
+        raise NotFoundError(f"no task named {body.task!r} in the catalog")
+    row = store.add_feedback(
+        checkpoint=checkpoint, task=body.task, score=body.score, plan=plan, merge_job_id=body.merge_id
+    )
+    selector.feedback(plan, body.task, body.score)
+    return {
+        "id": row.id,
+        "checkpoint": checkpoint,
+        "task": body.task,
+        "score": body.score,
+        "merge_id": body.merge_id,
+    }

@@ -1,0 +1,128 @@
+"""The FastAPI application: `create_app(settings)` wires store, catalog, selector and job dispatcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.concurrency import run_in_threadpool
+
+import simmerge
+from service.adapters import ModelsSelector, Selector
+from service.api import admin, checkpoints, jobs, operators, selection, tasks
+from service.api.errors import UnavailableError, install_error_handlers
+from service.auth import load_configured_tokens
+from service.jobs.manager import JobManager
+from service.settings import ServiceSettings
+from service.store import Store, migrate
+from simmerge.catalog import Catalog
+from simmerge.catalog import migrate as migrate_catalog
+
+log = logging.getLogger("simmerge.service")
+API_PREFIX = "/v1"
+
+
+class Metrics:
+    """Per-app registry, so several apps in one process (tests) do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "simmerge_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "simmerge_http_request_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.jobs = Gauge("simmerge_jobs", "Jobs by status", ["status"], registry=self.registry)
+
+
+def _route_template(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
+
+
+def create_app(settings: ServiceSettings | None = None, *, selector: Selector | None = None) -> FastAPI:
+    """Build the app; migrations, token loading and the job dispatcher run in its lifespan."""
+    settings = settings or ServiceSettings()
+    store = Store(settings.db_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.run_migrations:
+            await run_in_threadpool(migrate_catalog, store.engine)
+            await run_in_threadpool(migrate, store.engine)
+        await run_in_threadpool(load_configured_tokens, settings, store)
+        manager = JobManager(settings, store) if settings.start_jobs else None
+        if manager is not None:
+            await run_in_threadpool(manager.start)
+        app.state.jobs = manager
+        try:
+            yield
+        finally:
+            if manager is not None:
+                await run_in_threadpool(manager.stop)
+            store.dispose()
+
+    app = FastAPI(
+        title="SimMerge",
+        version=simmerge.__version__,
+        description="Predictive merge selection for fine-tuned LLM checkpoints.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.catalog = Catalog(store.engine)
+    app.state.selector = selector or ModelsSelector(settings.home_dir)
+    app.state.jobs = None
+    app.state.metrics = metrics = Metrics()
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = _route_template(request)
+        metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        metrics.latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+    for module in (checkpoints, tasks, operators, selection, jobs, admin):
+        app.include_router(module.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up (no dependencies checked)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> dict[str, str]:
+        """The database answers."""
+        try:
+            store.ping()
+        except Exception as exc:
+            raise UnavailableError(f"database not reachable ({type(exc).__name__})") from exc
+        return {"status": "ready"}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        for status, count in store.count_jobs_by_status().items():
+            metrics.jobs.labels(status).set(count)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,90 @@
+"""Bearer tokens with scopes, stored as sha256 digests only.
+
+Scopes nest: `admin` implies `write`, which implies `read`, so a token needs only its highest scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Callable
+
+from fastapi import Request
+
+from service.settings import ServiceSettings
+from service.store import Store
+from simmerge.errors import SimMergeError
+
+SCOPES = ("read", "write", "admin")
+_IMPLIES = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
+
+
+class UnauthorizedError(SimMergeError):
+    """No usable bearer token."""
+
+    http_status = 401
+
+
+class ForbiddenError(SimMergeError):
+    """A valid token without the scope the endpoint needs."""
+
+    http_status = 403
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return "smt_" + secrets.token_urlsafe(32)
+
+
+def effective_scopes(scopes: str | list[str]) -> set[str]:
+    names = scopes.split(",") if isinstance(scopes, str) else scopes
+    granted: set[str] = set()
+    for name in names:
+        granted |= _IMPLIES.get(name.strip(), {name.strip()})
+    return granted
+
+
+def load_configured_tokens(settings: ServiceSettings, store: Store) -> None:
+    """Store the configured tokens' hashes; a clear token in the configuration is hashed here."""
+    for name, spec in settings.tokens.items():
+        digest = spec.sha256.lower() if spec.sha256 else hash_token(spec.token) if spec.token else None
+        if digest is None or len(digest) != 64:
+            raise SimMergeError(f"token {name!r}: give a 64-hex-digit 'sha256' or a 'token'")
+        unknown = [s for s in spec.scopes if s not in SCOPES]
+        if unknown:
+            raise SimMergeError(f"token {name!r}: unknown scope {unknown[0]!r} (known: {', '.join(SCOPES)})")
+        store.upsert_token(name, digest, spec.scopes)
+
+
+def authenticate(request: Request, store: Store) -> tuple[str, set[str]]:
+    """The token's name and scopes, or 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthorizedError("this endpoint needs an 'Authorization: Bearer <token>' header")
+    digest = hash_token(token.strip())
+    row = store.token_by_hash(digest)
+    if row is None or not hmac.compare_digest(row.sha256, digest):
+        raise UnauthorizedError("the bearer token is unknown or revoked")
+    return row.name, effective_scopes(row.scopes)
+
+
+def require_scope(scope: str) -> Callable[[Request], str]:
+    """A FastAPI dependency that admits tokens holding `scope` and returns the token's name."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def dependency(request: Request) -> str:
+        state = request.app.state
+        if scope == "read" and not state.settings.read_requires_auth:
+            return "anonymous"
+        name, granted = authenticate(request, state.store)
+        if scope not in granted:
+            raise ForbiddenError(f"token {name!r} lacks the {scope!r} scope")
+        return name
+
+    return dependency
