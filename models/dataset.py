@@ -1,0 +1,204 @@
+"""Labels + pairwise features → the predictor's training matrix.
+
+A row is one labelled plan. Its features are the operator descriptor (`descriptors.py`) followed by
+the pairwise features of its member checkpoints aggregated over every member pair (mean, min, max),
+so a 2-way, k-way or fold plan all map to the same columns. A *pool* is every plan over the same set
+of checkpoints: selection picks one plan per pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from models.descriptors import descriptor_names, operator_descriptor, plan_descriptor
+from simmerge.errors import NotFoundError, SimMergeError
+from simmerge.plan import Plan
+
+REQUIRED_COLUMNS = ("method", "models", "held_in_score")
+TARGETS = ("held_in", "held_out")
+AGGREGATES: tuple[tuple[str, Callable[..., np.ndarray]], ...] = (
+    ("mean", np.mean),
+    ("min", np.min),
+    ("max", np.max),
+)
+
+
+class PairFeatureSource(Protocol):
+    """Anything that turns checkpoint pairs into feature rows (the features package, or a test fake)."""
+
+    @property
+    def feature_names(self) -> list[str]: ...
+
+    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray: ...
+
+
+@dataclass
+class Dataset:
+    """The matrix and the bookkeeping selection needs (which pool and operator setting each row is)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    feature_names: list[str]
+    pools: np.ndarray  # pool key per row: sorted checkpoint names joined by "|"
+    settings: np.ndarray  # operator-setting key per row (what "best fixed operator" fixes)
+    kinds: np.ndarray
+    models: list[list[str]]
+    plan_ids: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> Dataset:
+        index = np.flatnonzero(mask)
+        return Dataset(
+            self.X[index],
+            self.y[index],
+            self.feature_names,
+            self.pools[index],
+            self.settings[index],
+            self.kinds[index],
+            [self.models[i] for i in index],
+            self.plan_ids[index],
+        )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_labels(path: Path) -> pd.DataFrame:
+    """Read a labels file (Parquet, or CSV for hand-made fixtures) and check the columns we need."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFoundError(f"labels file {path} does not exist")
+    frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise SimMergeError(f"labels file {path} lacks column(s) {', '.join(missing)}")
+    frame = frame.copy()
+    frame["models"] = [_as_list(v) for v in frame["models"]]
+    return frame.reset_index(drop=True)
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [str(v) for v in json.loads(value)] if value.startswith("[") else [value]
+    return [str(v) for v in value]
+
+
+def pool_key(models: Sequence[str]) -> str:
+    return "|".join(sorted(models))
+
+
+def target_column(target: str) -> str:
+    if target not in TARGETS:
+        raise SimMergeError(f"target {target!r} is not one of {', '.join(TARGETS)}")
+    return f"{target}_score"
+
+
+def pair_feature_names(base_names: Sequence[str]) -> list[str]:
+    return [f"pair:{agg}:{name}" for agg, _ in AGGREGATES for name in base_names]
+
+
+def member_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
+    """Every unordered pair of distinct members, each sorted so (a, b) and (b, a) share a row."""
+    unique = sorted(set(models))
+    return list(combinations(unique, 2))
+
+
+def aggregate_pair_rows(rows: np.ndarray) -> np.ndarray:
+    """(n_pairs, n_features) → (3 · n_features,): mean, min and max over the member pairs."""
+    return np.concatenate([fn(rows, axis=0) for _, fn in AGGREGATES])
+
+
+def _row_plan(row: Mapping[str, Any]) -> Plan | None:
+    text = row.get("plan_json")
+    if isinstance(text, str) and text:
+        return Plan.from_dict(json.loads(text))
+    return None
+
+
+def _row_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    text = row.get("params_json")
+    if isinstance(text, str) and text:
+        return dict(json.loads(text))
+    if isinstance(text, Mapping):
+        return dict(text)
+    return {}
+
+
+def row_descriptor(row: Mapping[str, Any], n_models: int) -> np.ndarray:
+    kind = str(row.get("kind") or ("pair" if n_models == 2 else "kway"))
+    plan = _row_plan(row)
+    if plan is not None:
+        return plan_descriptor(plan, kind=kind)
+    return operator_descriptor(str(row["method"]), _row_params(row), kind=kind, n_models=n_models)
+
+
+def setting_key(row: Mapping[str, Any]) -> str:
+    """The operator setting a row used, independent of its checkpoints (fold steps joined by `>`)."""
+    plan = _row_plan(row)
+    if plan is not None and len(plan.steps) > 1:
+        return ">".join(s.symbol() for s in plan.steps)
+    params = _row_params(row)
+    return f"{row['method']}{json.dumps(params, sort_keys=True)}"
+
+
+def build_dataset(labels: pd.DataFrame, source: PairFeatureSource, target: str = "held_in") -> Dataset:
+    """Features for every labelled plan; each distinct pair's features are computed once."""
+    column = target_column(target)
+    if column not in labels.columns:
+        raise SimMergeError(f"labels lack the target column {column!r}")
+    frame = labels[labels[column].notna()].reset_index(drop=True)
+    if frame.empty:
+        raise SimMergeError(f"no labelled plan has a {column}")
+    records = frame.to_dict("records")
+    experts = [_experts(r) for r in records]
+    all_pairs = sorted({p for members in experts for p in member_pairs(members)})
+    if not all_pairs:
+        raise SimMergeError("labels hold no plan over two or more distinct checkpoints")
+    pair_rows = np.asarray(source.pair_features(all_pairs), dtype=np.float64)
+    pair_index = {p: i for i, p in enumerate(all_pairs)}
+    X = np.stack(
+        [
+            np.concatenate(
+                [
+                    row_descriptor(r, len(members)),
+                    aggregate_pair_rows(pair_rows[[pair_index[p] for p in member_pairs(members)]]),
+                ]
+            )
+            for r, members in zip(records, experts, strict=True)
+        ]
+    )
+    return Dataset(
+        X=X,
+        y=frame[column].to_numpy(dtype=np.float64),
+        feature_names=descriptor_names() + pair_feature_names(source.feature_names),
+        pools=np.asarray([pool_key(m) for m in experts]),
+        settings=np.asarray([setting_key(r) for r in records]),
+        kinds=np.asarray([str(r.get("kind") or "pair") for r in records]),
+        models=experts,
+        plan_ids=np.asarray([str(r.get("plan_id") or i) for i, r in enumerate(records)]),
+    )
+
+
+def _experts(row: Mapping[str, Any]) -> list[str]:
+    models = _as_list(row["models"])
+    if len(set(models)) < 2:
+        raise SimMergeError(
+            f"labelled plan {row.get('plan_id', '?')} merges fewer than two checkpoints: {models}"
+        )
+    return models

@@ -1,0 +1,193 @@
+"""Operator descriptors: a merge plan's operator choice as a fixed-length numeric vector.
+
+The predictor and the bandit see an operator through these numbers, never through its name alone:
+besides the family one-hot there are behavioural flags (sign election, random drop, magnitude
+trimming, ...) and the numeric parameters with mergekit's defaults filled in, so that a family the
+predictor has never seen (an arm added online) still lands near the families it resembles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from simmerge.errors import PlanError
+from simmerge.plan import Plan
+
+FAMILIES = (
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "other",
+)
+KINDS = ("pair", "kway", "fold", "cross_family")
+
+# Numeric parameters and the value an omitted one means (mergekit 0.1.5 semantics; density 1 = keep all).
+PARAM_DEFAULTS: dict[str, float] = {
+    "weight": 1.0,
+    "density": 1.0,
+    "lambda": 1.0,
+    "t": 0.5,
+    "gamma": 0.0,
+    "epsilon": 0.0,
+    "normalize": 1.0,
+    "rescale": 1.0,
+}
+# ties-style methods normalise by default, task arithmetic does not (mergekit's registry).
+_NORMALIZE_DEFAULT = {"linear": 1.0, "task_arithmetic": 0.0, "dare_linear": 0.0, "breadcrumbs": 0.0}
+
+# Behaviour shared across families: what lets a new family borrow from known ones.
+_FLAGS: dict[str, dict[str, float]] = {
+    "linear": {"uses_base": 0, "sign_election": 0, "random_drop": 0, "magnitude_trim": 0, "spherical": 0},
+    "slerp": {"uses_base": 1, "sign_election": 0, "random_drop": 0, "magnitude_trim": 0, "spherical": 1},
+    "task_arithmetic": {
+        "uses_base": 1,
+        "sign_election": 0,
+        "random_drop": 0,
+        "magnitude_trim": 0,
+        "spherical": 0,
+    },
+    "ties": {"uses_base": 1, "sign_election": 1, "random_drop": 0, "magnitude_trim": 1, "spherical": 0},
+    "dare_linear": {
+        "uses_base": 1,
+        "sign_election": 0,
+        "random_drop": 1,
+        "magnitude_trim": 0,
+        "spherical": 0,
+    },
+    "dare_ties": {"uses_base": 1, "sign_election": 1, "random_drop": 1, "magnitude_trim": 0, "spherical": 0},
+    "breadcrumbs": {
+        "uses_base": 1,
+        "sign_election": 0,
+        "random_drop": 0,
+        "magnitude_trim": 1,
+        "spherical": 0,
+    },
+    "breadcrumbs_ties": {
+        "uses_base": 1,
+        "sign_election": 1,
+        "random_drop": 0,
+        "magnitude_trim": 1,
+        "spherical": 0,
+    },
+    "other": {"uses_base": 1, "sign_election": 0, "random_drop": 0, "magnitude_trim": 0, "spherical": 0},
+}
+FLAG_NAMES = ("uses_base", "sign_election", "random_drop", "magnitude_trim", "spherical")
+
+
+@dataclass(frozen=True)
+class OperatorSetting:
+    """One operator with its parameters, e.g. `ties(density=0.5)`: what a pair plan varies."""
+
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}{json.dumps(dict(self.params), sort_keys=True)}"
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.method}({inner})" if inner else self.method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "params": dict(self.params)}
+
+
+# The grid `score-catalog` and `recommend` search when no labels say otherwise (~10 settings).
+DEFAULT_SETTINGS: tuple[OperatorSetting, ...] = (
+    OperatorSetting("linear", {}),
+    OperatorSetting("slerp", {"t": 0.5}),
+    OperatorSetting("task_arithmetic", {"lambda": 1.0}),
+    OperatorSetting("task_arithmetic", {"lambda": 0.5}),
+    OperatorSetting("ties", {"density": 0.5}),
+    OperatorSetting("ties", {"density": 0.2}),
+    OperatorSetting("dare_linear", {"density": 0.5}),
+    OperatorSetting("dare_ties", {"density": 0.5}),
+    OperatorSetting("breadcrumbs", {"density": 0.9, "gamma": 0.01}),
+    OperatorSetting("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01}),
+)
+
+
+def family_of(method: str) -> str:
+    return method if method in FAMILIES else "other"
+
+
+def descriptor_names() -> list[str]:
+    """Column names of `operator_descriptor`, prefixed `op:` so they never clash with pair features."""
+    names = [f"op:family={f}" for f in FAMILIES]
+    names += [f"op:{flag}" for flag in FLAG_NAMES]
+    names += [f"op:param={p}" for p in PARAM_DEFAULTS]
+    names += [f"op:kind={k}" for k in KINDS]
+    names += ["op:n_models", "op:n_steps"]
+    return names
+
+
+def _numeric(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, int | float):
+        return float(value)
+    raise PlanError(f"operator parameter {name}={value!r} is not a number")
+
+
+def _step_vector(
+    method: str, params: Mapping[str, Any], model_params: Sequence[Mapping[str, Any]]
+) -> np.ndarray:
+    """Family one-hot, flags and filled numeric params of one step (per-model values averaged)."""
+    family = family_of(method)
+    onehot = [1.0 if family == f else 0.0 for f in FAMILIES]
+    flags = [float(_FLAGS[family][flag]) for flag in FLAG_NAMES]
+    values = []
+    for name, default in PARAM_DEFAULTS.items():
+        if name == "normalize":
+            default = _NORMALIZE_DEFAULT.get(family, 1.0)
+        if name in params:
+            values.append(_numeric(params[name], name))
+            continue
+        per_model = [_numeric(m[name], name) for m in model_params if name in m]
+        values.append(float(np.mean(per_model)) if per_model else default)
+    return np.asarray(onehot + flags + values, dtype=np.float64)
+
+
+def operator_descriptor(
+    method: str,
+    params: Mapping[str, Any] | None = None,
+    kind: str = "pair",
+    n_models: int = 2,
+    model_params: Sequence[Mapping[str, Any]] = (),
+) -> np.ndarray:
+    """Descriptor of a single-step plan (a pair or a k-way merge)."""
+    return _assemble([_step_vector(method, params or {}, model_params)], kind, n_models)
+
+
+def plan_descriptor(plan: Plan, kind: str | None = None) -> np.ndarray:
+    """Descriptor of any plan: step vectors averaged over the steps, with kind, model and step counts."""
+    steps = [_step_vector(s.method, s.parameters, [m.parameters for m in s.models]) for s in plan.steps]
+    n_models = len(plan.experts())
+    if kind is None:
+        kind = "fold" if len(plan.steps) > 1 else ("pair" if n_models == 2 else "kway")
+    return _assemble(steps, kind, n_models)
+
+
+def _assemble(steps: list[np.ndarray], kind: str, n_models: int) -> np.ndarray:
+    if kind not in KINDS:
+        raise PlanError(f"plan kind {kind!r} is not one of {', '.join(KINDS)}")
+    kind_onehot = [1.0 if kind == k else 0.0 for k in KINDS]
+    body = np.mean(np.stack(steps), axis=0)
+    return np.concatenate([body, kind_onehot, [float(n_models), float(len(steps))]])
+
+
+def fold_descriptor(settings: Sequence[OperatorSetting], n_models: int) -> np.ndarray:
+    """Descriptor of `((m0 ⊕s0 m1) ⊕s1 m2) …` without building the plan (used by plan search)."""
+    steps = [_step_vector(s.method, s.params, ()) for s in settings]
+    return _assemble(steps, "fold" if len(settings) > 1 else ("pair" if n_models == 2 else "kway"), n_models)
