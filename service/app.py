@@ -53,8 +53,14 @@ class Metrics:
 
 
 def _route_template(request: Request) -> str:
+    """The matched route's template (bounded label cardinality); routers are mounted under /v1."""
     route = request.scope.get("route")
-    return getattr(route, "path", "unmatched")
+    path = getattr(route, "path", None)
+    if path is None:
+        return "unmatched"
+    if request.url.path.startswith(API_PREFIX + "/") and not path.startswith(API_PREFIX + "/"):
+        return API_PREFIX + path
+    return path
 
 
 def create_app(settings: ServiceSettings | None = None, *, selector: Selector | None = None) -> FastAPI:

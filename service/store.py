@@ -71,15 +71,24 @@ class Store:
 
     # ---- jobs -------------------------------------------------------------------------------------
     def create_job(
-        self, kind: str, request: dict[str, Any], *, max_attempts: int, idempotency_key: str | None = None
+        self,
+        kind: str,
+        request: dict[str, Any],
+        *,
+        max_attempts: int,
+        idempotency_key: str | None = None,
+        fingerprint: Any = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job, or return the one already made under `idempotency_key` (created=False).
 
-        Reusing a key with a different request is a conflict, not a silent replay of the old one.
+        Reusing a key with a different request (compared by `fingerprint`, the client's body, when
+        given) is a conflict, not a silent replay of the old one.
         """
-        request_hash = canonical_hash({"kind": kind, "request": request})
+        request_hash = canonical_hash(
+            {"kind": kind, "request": request if fingerprint is None else fingerprint}
+        )
         if idempotency_key:
-            existing = self._job_by_key(idempotency_key)
+            existing = self.job_by_key(idempotency_key)
             if existing is not None:
                 return self._check_replay(existing, request_hash, idempotency_key), False
         job = Job(
@@ -98,7 +107,7 @@ class Store:
             with self.session() as session:
                 session.add(job)
         except IntegrityError:  # a concurrent POST with the same key won the race
-            existing = self._job_by_key(idempotency_key or "")
+            existing = self.job_by_key(idempotency_key or "")
             if existing is None:
                 raise
             return self._check_replay(existing, request_hash, idempotency_key or ""), False
@@ -110,7 +119,7 @@ class Store:
             raise ConflictError(f"Idempotency-Key {key!r} was already used for a different request")
         return job
 
-    def _job_by_key(self, key: str) -> Job | None:
+    def job_by_key(self, key: str) -> Job | None:
         with self.session() as session:
             return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
 

@@ -30,10 +30,16 @@ def job_out(job: Job) -> dict[str, Any]:
 
 
 def _submit(
-    kind: str, request: dict[str, Any], store: Store, settings: ServiceSettings, jobs: Any, key: str | None
+    kind: str,
+    request: dict[str, Any],
+    store: Store,
+    settings: ServiceSettings,
+    jobs: Any,
+    key: str | None,
+    fingerprint: Any = None,
 ) -> JSONResponse:
     job, created = store.create_job(
-        kind, request, max_attempts=settings.max_job_attempts, idempotency_key=key
+        kind, request, max_attempts=settings.max_job_attempts, idempotency_key=key, fingerprint=fingerprint
     )
     if created and jobs is not None:
         jobs.notify()
@@ -72,11 +78,11 @@ def submit_merge(
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Queue a merge; its output is registered as the checkpoint `name` once complete."""
-    if idempotency_key:  # a replay must not trip over the checkpoint its first submission made
-        replay = store._job_by_key(idempotency_key)
-        if replay is not None:
-            return _submit("merge", replay.request, store, settings, jobs, idempotency_key)
-    return _submit("merge", _validate_merge(body, catalog, settings), store, settings, jobs, idempotency_key)
+    fingerprint = body.model_dump(mode="json")
+    replay = store.job_by_key(idempotency_key) if idempotency_key else None
+    # a replay must not trip over the checkpoint its first submission made, so it skips validation
+    request = replay.request if replay is not None else _validate_merge(body, catalog, settings)
+    return _submit("merge", request, store, settings, jobs, idempotency_key, fingerprint)
 
 
 @router.get("/merges", response_model=JobPage, tags=["merges"])

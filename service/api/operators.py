@@ -79,11 +79,16 @@ def add_operator_arm(
     n_models = max(int(getattr(op, "min_models", 2) or 2), 2)
     if getattr(op, "max_models", None):
         n_models = min(n_models, int(op.max_models))
+    # an arm is a method-level setting; models get mergekit's customary weight 1 unless it sets one
+    model_names = {p.name for p in getattr(op, "model_params", ())}
+    per_model = {"weight": 1.0} if "weight" in model_names and "weight" not in body.parameters else {}
     params, _model_params = op.validate(
-        dict(body.parameters), [{} for _ in range(n_models)], n_models, bool(getattr(op, "needs_base", False))
+        dict(body.parameters), [dict(per_model) for _ in range(n_models)], n_models, bool(op.needs_base)
     )
-    arm = store.add_arm(family, dict(params), body.name)
-    selector.add_arm(family, dict(params))
+    # per-model values given at method level (a shared `weight`) are part of the setting too
+    setting = {**params, **{k: v for k, v in body.parameters.items() if k not in params}}
+    arm = store.add_arm(family, setting, body.name)
+    selector.add_arm(family, setting)
     return _arm_out(arm)
 
 
