@@ -108,7 +108,7 @@ def test_health_ready_metrics_and_docs(client: TestClient) -> None:
 
 
 def test_migrations_keep_separate_histories(app_parts) -> None:
-    client, settings, _ = app_parts
+    client, _settings, _ = app_parts
     engine = client.app.state.store.engine
     tables = set(inspect(engine).get_table_names())
     assert {"simmerge_service_version", "simmerge_catalog_version", "jobs", "checkpoints", "tasks"} <= tables
