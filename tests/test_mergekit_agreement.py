@@ -150,3 +150,19 @@ def test_delegated_random_method_is_reproducible_per_generator():
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
+
+
+@pytest.mark.parametrize("operator", native_operators(), ids=lambda op: op.name)
+def test_native_declarations_match_mergekit_registry(operator):
+    """Same parameter names, scopes, defaults and required-ness as mergekit's registered method."""
+    from mergekit.merge_methods import get
+    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
+    spec = get(operator.name).spec
+    theirs = {
+        p.name: (p.scope == ParameterScope.SHARED, None if p.required else p.default) for p in spec.parameters
+    }
+    ours = {p.name: (True, None if p.required else p.default) for p in operator.method_params}
+    ours |= {p.name: (False, None if p.required else p.default) for p in operator.model_params}
+    assert ours == theirs
+    assert operator.needs_base == (spec.contract.base == BasePolicy.REQUIRED)
