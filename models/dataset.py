@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -19,17 +19,13 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from models.descriptors import descriptor_names, operator_descriptor, plan_descriptor
+from models.descriptors import descriptor_names, fold_weights, operator_descriptor, plan_descriptor
 from simmerge.errors import NotFoundError, SimMergeError
 from simmerge.plan import Plan
 
 REQUIRED_COLUMNS = ("method", "models", "held_in_score")
 TARGETS = ("held_in", "held_out")
-AGGREGATES: tuple[tuple[str, Callable[..., np.ndarray]], ...] = (
-    ("mean", np.mean),
-    ("min", np.min),
-    ("max", np.max),
-)
+AGGREGATES = ("mean", "min", "max")
 
 
 class PairFeatureSource(Protocol):
@@ -110,7 +106,7 @@ def target_column(target: str) -> str:
 
 
 def pair_feature_names(base_names: Sequence[str]) -> list[str]:
-    return [f"pair:{agg}:{name}" for agg, _ in AGGREGATES for name in base_names]
+    return [f"pair:{agg}:{name}" for agg in AGGREGATES for name in base_names]
 
 
 def member_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
@@ -119,9 +115,18 @@ def member_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
     return list(combinations(unique, 2))
 
 
-def aggregate_pair_rows(rows: np.ndarray) -> np.ndarray:
-    """(n_pairs, n_features) → (3 · n_features,): mean, min and max over the member pairs."""
-    return np.concatenate([fn(rows, axis=0) for _, fn in AGGREGATES])
+def aggregate_pair_rows(rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """(n_pairs, n_features) → (3 · n_features,): (weighted) mean, min and max over the member pairs."""
+    mean = np.average(rows, axis=0, weights=weights)
+    return np.concatenate([mean, rows.min(axis=0), rows.max(axis=0)])
+
+
+def pair_weights(members: Sequence[str], kind: str) -> np.ndarray | None:
+    """Weights of `member_pairs(members)` in the mean: a fold's pairs weigh by their members' shares."""
+    if kind != "fold":
+        return None
+    share = dict(zip(members, fold_weights(len(members)), strict=True))
+    return np.asarray([share[a] * share[b] for a, b in member_pairs(members)])
 
 
 def _row_plan(row: Mapping[str, Any]) -> Plan | None:
@@ -138,6 +143,10 @@ def _row_params(row: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(text, Mapping):
         return dict(text)
     return {}
+
+
+def _kind(row: Mapping[str, Any], members: Sequence[str]) -> str:
+    return str(row.get("kind") or ("pair" if len(members) == 2 else "kway"))
 
 
 def row_descriptor(row: Mapping[str, Any], n_models: int) -> np.ndarray:
@@ -177,7 +186,10 @@ def build_dataset(labels: pd.DataFrame, source: PairFeatureSource, target: str =
             np.concatenate(
                 [
                     row_descriptor(r, len(members)),
-                    aggregate_pair_rows(pair_rows[[pair_index[p] for p in member_pairs(members)]]),
+                    aggregate_pair_rows(
+                        pair_rows[[pair_index[p] for p in member_pairs(members)]],
+                        pair_weights(members, _kind(r, members)),
+                    ),
                 ]
             )
             for r, members in zip(records, experts, strict=True)
@@ -196,7 +208,12 @@ def build_dataset(labels: pd.DataFrame, source: PairFeatureSource, target: str =
 
 
 def _experts(row: Mapping[str, Any]) -> list[str]:
+    """The merged checkpoints, in fold order for a fold (its plan says the order)."""
     models = _as_list(row["models"])
+    plan = _row_plan(row) if row.get("kind") == "fold" else None
+    if plan is not None:
+        ordered = [m for m in plan.experts() if m in models]
+        models = ordered + [m for m in models if m not in ordered]
     if len(set(models)) < 2:
         raise SimMergeError(
             f"labelled plan {row.get('plan_id', '?')} merges fewer than two checkpoints: {models}"

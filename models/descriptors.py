@@ -84,12 +84,18 @@ _FLAGS: dict[str, dict[str, float]] = {
 FLAG_NAMES = ("uses_base", "sign_election", "random_drop", "magnitude_trim", "spherical")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OperatorSetting:
     """One operator with its parameters, e.g. `ties(density=0.5)`: what a pair plan varies."""
 
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OperatorSetting) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
     @property
     def key(self) -> str:
@@ -179,11 +185,25 @@ def plan_descriptor(plan: Plan, kind: str | None = None) -> np.ndarray:
     return _assemble(steps, kind, n_models)
 
 
+def fold_weights(n_members: int) -> np.ndarray:
+    """Share of each member in `((m0 ⊕ m1) ⊕ m2) …` when every step averages its two inputs.
+
+    The last model folded in holds half of the result, the first two a 2^-(n-1) share each: this is
+    what makes a fold's order matter to the predictor.
+    """
+    if n_members < 2:
+        return np.ones(n_members)
+    weights = np.asarray([2.0 ** -(n_members - max(i, 1)) for i in range(n_members)])
+    return weights / weights.sum()
+
+
 def _assemble(steps: list[np.ndarray], kind: str, n_models: int) -> np.ndarray:
     if kind not in KINDS:
         raise PlanError(f"plan kind {kind!r} is not one of {', '.join(KINDS)}")
     kind_onehot = [1.0 if kind == k else 0.0 for k in KINDS]
-    body = np.mean(np.stack(steps), axis=0)
+    # Later fold steps act on more of the result, so they weigh more (step i: weight 2^i).
+    step_weights = 2.0 ** np.arange(len(steps))
+    body = np.average(np.stack(steps), axis=0, weights=step_weights)
     return np.concatenate([body, kind_onehot, [float(n_models), float(len(steps))]])
 
 
@@ -191,3 +211,13 @@ def fold_descriptor(settings: Sequence[OperatorSetting], n_models: int) -> np.nd
     """Descriptor of `((m0 ⊕s0 m1) ⊕s1 m2) …` without building the plan (used by plan search)."""
     steps = [_step_vector(s.method, s.params, ()) for s in settings]
     return _assemble(steps, "fold" if len(settings) > 1 else ("pair" if n_models == 2 else "kway"), n_models)
+
+
+ARM_FEATURE_NAMES = [
+    n for n in descriptor_names() if not n.startswith(("op:kind=", "op:n_models", "op:n_steps"))
+]
+
+
+def arm_features(setting: OperatorSetting) -> np.ndarray:
+    """What the bandit knows about an operator setting: family, behaviour flags, filled parameters."""
+    return operator_descriptor(setting.method, setting.params)[: len(ARM_FEATURE_NAMES)]

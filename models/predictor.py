@@ -20,7 +20,7 @@ from simmerge.errors import NotFoundError, SimMergeError
 META_FILE = "meta.json"
 QUANTILES = (0.1, 0.9)
 DEFAULT_PARAMS: dict[str, Any] = {
-    "learning_rate": 0.05,
+    "learning_rate": 0.08,
     "num_leaves": 15,
     "min_data_in_leaf": 5,
     "min_data_in_bin": 1,
@@ -33,7 +33,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "force_row_wise": True,
     "num_threads": 1,
 }
-DEFAULT_ROUNDS = 300
+DEFAULT_ROUNDS = 200
 
 
 class Selector(Protocol):
@@ -79,7 +79,7 @@ class LightGBMSelector:
         self.boosters = {"mean": lgb.train(self._params("regression"), data, num_boost_round=self.rounds)}
         for q in QUANTILES:
             self.boosters[f"q{round(q * 100):02d}"] = lgb.train(
-                self._params("quantile", q), data, num_boost_round=self.rounds // 2
+                self._params("quantile", q), data, num_boost_round=max(1, self.rounds // 4)
             )
         return self
 

@@ -17,7 +17,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from models.descriptors import _FLAGS, DEFAULT_SETTINGS, FLAG_NAMES, OperatorSetting, family_of
+from models.descriptors import _FLAGS, DEFAULT_SETTINGS, OperatorSetting, family_of
 from simmerge.plan import Plan
 
 SYNTHETIC_FEATURES = ("cosine", "distance", "norm_sum", "norm_gap", "noise0", "noise1", "noise2")
@@ -33,19 +33,25 @@ class SyntheticCatalog:
     feature_names: list[str] = field(default_factory=lambda: list(SYNTHETIC_FEATURES))
 
     def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        return (
-            np.stack([self._pair(a, b) for a, b in pairs])
-            if pairs
-            else np.zeros((0, len(SYNTHETIC_FEATURES)))
+        """Vectorised, symmetric in (a, b); the noise columns are a fixed hash of the pair."""
+        if not pairs:
+            return np.zeros((0, len(SYNTHETIC_FEATURES)))
+        index = {name: i for i, name in enumerate(self.names)}
+        ia = np.asarray([index[a] for a, _ in pairs])
+        ib = np.asarray([index[b] for _, b in pairs])
+        matrix = np.stack([self.vectors[n] for n in self.names])
+        norms = np.linalg.norm(matrix, axis=1)
+        va, vb = matrix[ia], matrix[ib]
+        cosine = np.einsum("ij,ij->i", va, vb) / np.maximum(norms[ia] * norms[ib], 1e-12)
+        distance = np.linalg.norm(va - vb, axis=1)
+        lo, hi = np.minimum(ia, ib).astype(np.float64), np.maximum(ia, ib).astype(np.float64)
+        noise = [
+            np.sin((lo * 12.9898 + hi * 78.233 + k * 37.719 + self.noise_seed) * 1.618) * 1.7
+            for k in range(3)
+        ]
+        return np.stack(
+            [cosine, distance, norms[ia] + norms[ib], np.abs(norms[ia] - norms[ib]), *noise], axis=1
         )
-
-    def _pair(self, a: str, b: str) -> np.ndarray:
-        va, vb = self.vectors[a], self.vectors[b]
-        na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
-        cosine = float(va @ vb / max(na * nb, 1e-12))
-        key = sum(ord(c) for c in min(a, b) + "|" + max(a, b))
-        noise = np.random.default_rng([self.noise_seed, key]).normal(size=3)
-        return np.asarray([cosine, float(np.linalg.norm(va - vb)), na + nb, abs(na - nb), *noise])
 
 
 def make_catalog(
@@ -149,7 +155,3 @@ def _row(plan: Plan, setting: OperatorSetting, kind: str, models: list[str], sco
         "held_in_score": float(score),
         "held_out_score": float(score) * 0.8 + 0.1,
     }
-
-
-def flags_of(method: str) -> list[float]:
-    return [float(_FLAGS[family_of(method)][f]) for f in FLAG_NAMES]

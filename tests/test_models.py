@@ -1,0 +1,276 @@
+"""Learned selection: descriptors, training determinism, persistence, metrics, plan search, scoring."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.baselines import BestFixedSelector, LassoSelector, RandomSelector
+from models.dataset import build_dataset, load_labels
+from models.descriptors import (
+    DEFAULT_SETTINGS,
+    OperatorSetting,
+    descriptor_names,
+    fold_weights,
+    operator_descriptor,
+)
+from models.evaluate import held_out_catalog, held_out_pairs, leave_one_task_out, markdown_table
+from models.metrics import evaluate_selection, ndcg_at_k
+from models.plan_search import Candidate, CandidateFeaturizer, search_plans
+from models.predictor import LightGBMSelector, load_selector
+from models.recommend import recommend_plans
+from models.score_catalog import best_per_pair, plot_best_merges, score_pairs, write_table
+from models.synthetic import SyntheticCatalog, make_catalog, make_labels
+from simmerge.errors import PlanError, SimMergeError
+from simmerge.plan import Plan
+
+
+@pytest.fixture(scope="module")
+def catalog() -> SyntheticCatalog:
+    return make_catalog(n_tasks=3, per_task=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(catalog):
+    return build_dataset(make_labels(catalog, seed=0, triples=6), catalog)
+
+
+@pytest.fixture(scope="module")
+def predictor(data) -> LightGBMSelector:
+    return LightGBMSelector(seed=0, rounds=60).fit(data.X, data.y, data.feature_names)
+
+
+# -- descriptors and dataset --------------------------------------------------------------------------
+def test_descriptor_fills_defaults_and_separates_families():
+    names = descriptor_names()
+    ties = dict(zip(names, operator_descriptor("ties", {"density": 0.3}), strict=True))
+    linear = dict(zip(names, operator_descriptor("linear", {}), strict=True))
+    assert ties["op:family=ties"] == 1 and ties["op:sign_election"] == 1 and ties["op:param=density"] == 0.3
+    assert ties["op:param=lambda"] == 1.0  # omitted parameter gets its default
+    assert linear["op:family=linear"] == 1 and linear["op:uses_base"] == 0
+    assert operator_descriptor("della", {})[names.index("op:family=other")] == 1
+
+
+def test_descriptor_rejects_non_numeric_parameter():
+    with pytest.raises(PlanError, match="density"):
+        operator_descriptor("ties", {"density": "half"})
+
+
+def test_fold_weights_give_last_model_half():
+    assert fold_weights(3).tolist() == [0.25, 0.25, 0.5]
+    assert fold_weights(2).tolist() == [0.5, 0.5]
+
+
+def test_dataset_rows_pools_and_kinds(catalog, data):
+    n_pairs = len(list(combinations(catalog.names, 2)))
+    assert (data.kinds == "pair").sum() == n_pairs * len(DEFAULT_SETTINGS)
+    assert data.X.shape == (len(data.y), len(data.feature_names))
+    # every row of a pool merges the same checkpoints
+    for pool, members in zip(data.pools, data.models, strict=True):
+        assert pool == "|".join(sorted(members))
+    # a pair's mean, min and max features coincide; a triple's differ
+    first = data.feature_names.index("pair:mean:cosine")
+    low, high = data.feature_names.index("pair:min:cosine"), data.feature_names.index("pair:max:cosine")
+    pair_row = np.flatnonzero(data.kinds == "pair")[0]
+    kway_row = np.flatnonzero(data.kinds == "kway")[0]
+    assert data.X[pair_row, first] == data.X[pair_row, low] == data.X[pair_row, high]
+    assert data.X[kway_row, low] < data.X[kway_row, high]
+
+
+def test_load_labels_names_missing_column(tmp_path):
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"method": ["linear"], "models": ['["a", "b"]']}).to_csv(path, index=False)
+    with pytest.raises(SimMergeError, match="held_in_score"):
+        load_labels(path)
+
+
+def test_labels_round_trip_through_parquet(tmp_path, catalog):
+    path = tmp_path / "labels.parquet"
+    make_labels(catalog, seed=1).to_parquet(path)
+    frame = load_labels(path)
+    assert isinstance(frame.loc[0, "models"], list) and len(frame.loc[0, "models"]) == 2
+    assert len(build_dataset(frame, catalog)) == len(frame)
+
+
+# -- predictor --------------------------------------------------------------------------------------
+def test_training_is_deterministic_for_a_seed(data):
+    a = LightGBMSelector(seed=3, rounds=40).fit(data.X, data.y, data.feature_names).predict(data.X)
+    b = LightGBMSelector(seed=3, rounds=40).fit(data.X, data.y, data.feature_names).predict(data.X)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_saved_predictor_reloads_to_identical_predictions(tmp_path, data, predictor):
+    predictor.save(tmp_path / "p", meta={"target": "held_in"})
+    reloaded = load_selector(tmp_path / "p")
+    for before, after in zip(predictor.predict(data.X), reloaded.predict(data.X), strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert json.loads((tmp_path / "p" / "meta.json").read_text())["target"] == "held_in"
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.joblib"))
+
+
+def test_predictor_beats_best_fixed_on_a_held_out_catalog(data, predictor):
+    other = make_catalog(n_tasks=3, per_task=3, seed=7, task_offset=10)
+    test = build_dataset(make_labels(other, seed=7), other)
+    fixed = BestFixedSelector().fit(data.X, data.y, data.feature_names).predict(test.X)[0]
+    report = evaluate_selection(test.pools, test.y, predictor.predict(test.X)[0], fixed)
+    assert report.mean_selected > report.mean_best_fixed
+    assert report.spearman_pooled > 0.8
+    assert np.all(predictor.predict(test.X)[1] >= 0)
+
+
+def test_predictor_rejects_wrong_width(predictor):
+    with pytest.raises(SimMergeError, match="columns"):
+        predictor.predict(np.zeros((2, 3)))
+
+
+def test_lasso_and_best_fixed_persist_as_json(tmp_path, data):
+    lasso = LassoSelector(seed=0).fit(data.X, data.y, data.feature_names)
+    fixed = BestFixedSelector().fit(data.X, data.y, data.feature_names)
+    for selector, name in ((lasso, "lasso"), (fixed, "fixed")):
+        selector.save(tmp_path / name)
+        np.testing.assert_allclose(
+            load_selector(tmp_path / name).predict(data.X)[0], selector.predict(data.X)[0]
+        )
+    assert lasso.top_coefficients(3)
+
+
+def test_best_fixed_ranks_every_pool_by_its_best_training_setting(data):
+    fixed = BestFixedSelector().fit(data.X, data.y, data.feature_names)
+    pair = data.kinds == "pair"
+    by_setting = pd.Series(data.y[pair]).groupby(data.settings[pair]).mean()
+    top_setting = by_setting.idxmax()
+    pred = fixed.predict(data.X[pair])[0]
+    assert set(data.settings[pair][pred == pred.max()]) == {top_setting}
+
+
+def test_random_selector_is_seeded(data):
+    assert np.array_equal(RandomSelector(5).predict(data.X)[0], RandomSelector(5).predict(data.X)[0])
+    assert not np.array_equal(RandomSelector(5).predict(data.X)[0], RandomSelector(6).predict(data.X)[0])
+
+
+# -- metrics on hand-made pools ------------------------------------------------------------------------
+def test_metrics_on_hand_made_pools():
+    # pool P: scores 0.9 (oracle), 0.5, 0.7; pool Q: 0.6, 0.8 (oracle)
+    pools = np.array(["P", "P", "P", "Q", "Q"])
+    measured = np.array([0.9, 0.5, 0.7, 0.6, 0.8])
+    predicted = np.array([0.1, 0.3, 0.2, 0.0, 1.0])  # picks 0.5 in P, 0.8 in Q
+    fixed = np.array([0.0, 0.0, 1.0, 1.0, 0.0])  # best fixed picks 0.7 in P, 0.6 in Q
+    r = evaluate_selection(pools, measured, predicted, fixed)
+    assert r.mean_oracle == pytest.approx((0.9 + 0.8) / 2)
+    assert r.mean_selected == pytest.approx((0.5 + 0.8) / 2)
+    assert r.mean_best_fixed == pytest.approx((0.7 + 0.6) / 2)
+    assert r.mean_regret == pytest.approx((0.4 + 0.0) / 2)
+    # (0.65 - 0.65) / (0.85 - 0.65) = 0
+    assert r.gap_closed == pytest.approx(0.0)
+    assert r.top1_accuracy == pytest.approx(0.5)
+    # pool P ranks exactly backwards → Spearman −1; pool Q has 2 plans → undefined, skipped
+    assert r.spearman_per_pool == pytest.approx(-1.0)
+    oracle = evaluate_selection(pools, measured, measured, fixed)
+    assert oracle.gap_closed == pytest.approx(1.0) and oracle.top1_accuracy == 1.0
+
+
+def test_ndcg_by_hand():
+    measured = np.array([0.9, 0.5, 0.7])  # gains 0.4, 0.0, 0.2
+    ideal = 0.4 / np.log2(2) + 0.2 / np.log2(3)
+    assert ndcg_at_k(measured, np.array([3.0, 2.0, 1.0])) == pytest.approx((0.4 + 0.0 + 0.2 / 2) / ideal)
+    assert ndcg_at_k(measured, measured) == pytest.approx(1.0)
+    assert ndcg_at_k(np.array([0.5, 0.5]), np.array([0.0, 1.0])) == 1.0
+
+
+def test_evaluation_protocols_produce_every_selector(data, catalog):
+    pairs = held_out_pairs(data, folds=3, names=("lightgbm", "best_fixed", "random"))
+    tasks = leave_one_task_out(data, catalog.tasks, names=("lightgbm", "best_fixed"))
+    reports = {"held-out pairs": pairs.reports(), "leave-one-task-out": tasks.reports()}
+    assert set(reports["held-out pairs"]) == {"lightgbm", "best_fixed", "random", "oracle"}
+    assert reports["held-out pairs"]["oracle"].mean_regret == 0
+    assert reports["held-out pairs"]["best_fixed"].gap_closed == pytest.approx(0.0)
+    table = markdown_table(reports)
+    assert "| leave-one-task-out | lightgbm |" in table
+    with pytest.raises(SimMergeError, match="no task is known"):
+        leave_one_task_out(data, {}, names=("best_fixed",))
+
+
+def test_held_out_catalog_requires_same_columns(data):
+    other = data.subset(np.ones(len(data), bool))
+    other.feature_names = [*data.feature_names[:-1], "something-else"]
+    with pytest.raises(SimMergeError, match="different columns"):
+        held_out_catalog(data, other)
+
+
+# -- plan search, recommendation, catalog scoring ----------------------------------------------------
+def test_plan_search_covers_subsets_orders_and_kway(catalog, predictor):
+    models = catalog.names[:4]
+    scored = search_plans(
+        models, predictor, CandidateFeaturizer(catalog), base="base", max_models=3, beam_width=3
+    )
+    kinds = {s.candidate.kind for s in scored}
+    assert kinds == {"pair", "fold", "kway"}
+    assert max(len(s.candidate.models) for s in scored) == 3
+    assert [s.predicted for s in scored] == sorted((s.predicted for s in scored), reverse=True)
+    folds = [s for s in scored if s.candidate.kind == "fold"]
+    assert folds and all(len(s.candidate.models) == 3 for s in folds)
+    # the order of a fold changes its features (the last model holds half of the result)
+    first = folds[0].candidate
+    swapped = Candidate((first.models[2], first.models[1], first.models[0]), first.settings)
+    rows = CandidateFeaturizer(catalog).rows([first, swapped])
+    assert not np.array_equal(rows[0], rows[1])
+    with pytest.raises(PlanError, match="at least two"):
+        search_plans(models[:1], predictor, CandidateFeaturizer(catalog))
+
+
+def test_plan_search_without_base_uses_base_free_operators(catalog, predictor):
+    scored = search_plans(catalog.names[:3], predictor, CandidateFeaturizer(catalog), base=None)
+    assert {s.method for c in scored for s in c.candidate.settings} <= {"linear", "slerp"}
+
+
+def test_recommendations_for_identical_checkpoints_rank_identity_preserving_merges_top(predictor, data):
+    twin = make_catalog(n_tasks=1, per_task=1, seed=11)
+    name = twin.names[0]
+    twin.names.append(f"{name}-copy")
+    twin.vectors[f"{name}-copy"] = twin.vectors[name].copy()
+    out = recommend_plans(twin.names, predictor, twin, data.feature_names, top=3, base="base")
+    top = out["plans"][0]
+    assert top["steps"][0]["method"] in {"linear", "slerp"}  # averaging an expert with itself returns it
+    assert top["rank"] == 1 and len(top["drivers"]) == 3
+    plan = Plan.from_yaml(top["mergekit_yaml"])
+    assert set(plan.experts()) | set(plan.checkpoints()) >= set(twin.names)
+
+
+def test_recommend_returns_runnable_yaml_for_folds(catalog, predictor, data):
+    out = recommend_plans(catalog.names[:3], predictor, catalog, data.feature_names, top=40, base="base")
+    fold = next(p for p in out["plans"] if p["kind"] == "fold")
+    plan = Plan.from_yaml(fold["mergekit_yaml"])
+    assert len(plan.steps) == 2 and plan.steps[1].models[0].model == "step1"
+    assert [p["rank"] for p in out["plans"]] == list(range(1, len(out["plans"]) + 1))
+
+
+def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
+    settings = [OperatorSetting("linear"), OperatorSetting("ties", {"density": 0.5})]
+    table = score_pairs(catalog.names, predictor, catalog, settings)
+    n = len(catalog.names)
+    assert len(table) == n * (n - 1) // 2 * len(settings)
+    assert list(table.columns) == [
+        "model_a",
+        "model_b",
+        "method",
+        "parameters",
+        "predicted_score",
+        "uncertainty",
+    ]
+    assert json.loads(table["parameters"].iloc[-1]) == {"density": 0.5}
+    # the same row, predicted directly, agrees with the vectorised table
+    featurizer = CandidateFeaturizer(catalog)
+    a, b = str(table["model_a"].iloc[-1]), str(table["model_b"].iloc[-1])
+    direct = predictor.predict(featurizer.rows([Candidate((a, b), (settings[1],))]))[0][0]
+    assert table["predicted_score"].iloc[-1] == pytest.approx(direct)
+    assert len(best_per_pair(table)) == n * (n - 1) // 2
+    write_table(table, tmp_path / "scores.parquet")
+    assert len(pd.read_parquet(tmp_path / "scores.parquet")) == len(table)
+    assert plot_best_merges(table, tmp_path / "best.png").stat().st_size > 1000
+    with pytest.raises(SimMergeError, match=r"\.parquet or \.csv"):
+        write_table(table, tmp_path / "scores.xlsx")
