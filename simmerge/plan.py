@@ -114,8 +114,10 @@ class Plan:
         """`((m0 ⊕s0 m1) ⊕s1 m2) …`: step i merges the running result with model i+1.
 
         A slerp step interpolates from the running result (its base) towards the next model; other
-        steps use `base` (the experts' common base) as their base model when given.
+        steps that take a base use `base` (the experts' common base).
         """
+        from simmerge.operators import get_operator
+
         if len(steps) != len(models) - 1 or len(models) < 2:
             raise PlanError(f"a fold of {len(models)} models needs {len(models) - 1} steps, got {len(steps)}")
         built: list[MergeStep] = []
@@ -126,7 +128,7 @@ class Plan:
             model_params: list[dict[str, Any]] = (
                 [{}, {}] if weights is None else [{"weight": w} for w in weights]
             )
-            step_base = running if method == "slerp" else base
+            step_base = running if method == "slerp" else (base if get_operator(method).needs_base else None)
             refs = (ModelRef(running, model_params[0]), ModelRef(nxt, model_params[1]))
             built.append(MergeStep(method, refs, step_base, params, name=f"step{index + 1}"))
             running = f"step{index + 1}"

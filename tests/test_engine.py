@@ -62,7 +62,11 @@ def test_bf16_sources_give_bf16_output_unless_dtype_says(tmp_path):
 
 def test_fold_equals_merging_step_by_step(tmp_path, family):
     base, (a, b, c) = family
-    plan = Plan.fold([str(a), str(b), str(c)], [("task_arithmetic", {}), ("linear", {})], base=str(base))
+    plan = Plan.fold(
+        [str(a), str(b), str(c)],
+        [("task_arithmetic", {"weights": [1.0, 1.0]}), ("linear", {"weights": [1.0, 1.0]})],
+        base=str(base),
+    )
     folded = merge_state_dict(plan)
     first = Plan.single(
         "task_arithmetic", [str(a), str(b)], base=str(base), model_parameters=[{"weight": 1.0}] * 2
@@ -85,7 +89,10 @@ def test_sharded_and_tied_outputs_load(tmp_path):
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     assert "lm_head.weight" not in out.tensors and out.tied_embeddings
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    expected = (Checkpoint.open(a).read("model.embed_tokens.weight") + Checkpoint.open(b).read("model.embed_tokens.weight")) / 2
+    expected = (
+        Checkpoint.open(a).read("model.embed_tokens.weight")
+        + Checkpoint.open(b).read("model.embed_tokens.weight")
+    ) / 2
     torch.testing.assert_close(model.lm_head.weight.detach(), expected, rtol=0, atol=1e-6)
 
 
@@ -106,7 +113,7 @@ def test_incompatible_sources_leave_nothing(tmp_path, family):
     _, (a, _, _) = family
     wide = write_tiny_llama(tmp_path / "wide", hidden=48)
     plan = Plan.single("linear", [str(a), str(wide)], model_parameters=[{"weight": 1.0}] * 2)
-    with pytest.raises(IncompatibleCheckpointsError, match="model.embed_tokens.weight"):
+    with pytest.raises(IncompatibleCheckpointsError, match=r"has shape \[.*\] in .*wide"):
         run_merge(plan, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]
 
@@ -137,7 +144,9 @@ def test_unknown_method_and_bad_parameters_are_plan_errors(family):
     base, (a, b, _) = family
     with pytest.raises(PlanError, match="'frobnicate'"):
         merge_state_dict(Plan.single("frobnicate", [str(a), str(b)]))
-    bad_density = Plan.single("ties", [str(a), str(b)], base=str(base), model_parameters=[{"density": 1.5}] * 2)
+    bad_density = Plan.single(
+        "ties", [str(a), str(b)], base=str(base), model_parameters=[{"density": 1.5, "weight": 1.0}] * 2
+    )
     with pytest.raises(PlanError, match="density"):
         merge_state_dict(bad_density)
 
@@ -159,19 +168,24 @@ print(status("VmHWM") - baseline)
 
 
 def test_peak_memory_is_a_few_tensors_not_the_models(tmp_path):
-    """3 inputs of 4 × 16 MiB tensors (192 MiB in all): peak stays near (inputs + 2) × 16 MiB."""
+    """3 inputs of 6 × 32 MiB tensors (576 MiB in all): peak stays near (inputs + 2) × 32 MiB."""
     paths = []
     for i in range(3):
         d = tmp_path / f"m{i}"
         d.mkdir()
         (d / "config.json").write_text("{}")
-        save_file({f"t{j}": torch.full((2048, 2048), float(i + j)) for j in range(4)}, str(d / "model.safetensors"))
+        save_file(
+            {f"t{j}": torch.full((2048, 4096), float(i + j)) for j in range(6)}, str(d / "model.safetensors")
+        )
         paths.append(str(d))
     out = subprocess.run(
-        [sys.executable, "-c", _PEAK, str(tmp_path / "out"), *paths], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _PEAK, str(tmp_path / "out"), *paths],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     grown = int(out.stdout.strip())
-    tensor = 16 * 2**20
-    assert grown < 7 * tensor, f"peak grew by {grown / 2**20:.0f} MiB"
+    tensor = 32 * 2**20
+    assert grown < 6 * tensor, f"peak grew by {grown / 2**20:.0f} MiB"  # the models sum to 18 tensors
     merged = Checkpoint.open(tmp_path / "out")
-    assert float(merged.read("t3")[0, 0]) == 3.0 + (4 - 3) + (5 - 3)
+    assert float(merged.read("t5")[0, 0]) == 5.0 + (6 - 5) + (7 - 5)
