@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from models.baselines import BestFixedSelector, LassoSelector, RandomSelector
-from models.dataset import Dataset
+from models.dataset import Dataset, PairFeatureSource, build_dataset, load_labels
 from models.metrics import SelectionReport, evaluate_selection
 from models.predictor import LightGBMSelector
 from simmerge.errors import SimMergeError
@@ -149,3 +150,32 @@ def markdown_table(results: Mapping[str, Mapping[str, SelectionReport]]) -> str:
 
 def _fmt(value: float) -> str:
     return "n/a" if not np.isfinite(value) else f"{value:.3f}"
+
+
+def evaluate_all(
+    labels: Path,
+    source: PairFeatureSource,
+    *,
+    holdout_labels: Path | None = None,
+    holdout_source: PairFeatureSource | None = None,
+    zoo: Path | None = None,
+    model_tasks: Mapping[str, Sequence[str]] | None = None,
+    target: str = "held_in",
+    folds: int = 5,
+    seed: int = 0,
+    names: Sequence[str] = tuple(SELECTORS),
+) -> dict[str, dict[str, SelectionReport]]:
+    """Every protocol the inputs allow: held-out pairs always, held-out tasks with a zoo, catalog with holdout labels."""
+    from models.sources import zoo_model_tasks
+
+    data = build_dataset(load_labels(labels), source, target)
+    results = {"held-out pairs": held_out_pairs(data, folds, seed, names).reports()}
+    tasks = model_tasks or (zoo_model_tasks(zoo) if zoo is not None else None)
+    if tasks:
+        results["leave-one-task-out"] = leave_one_task_out(data, tasks, seed, names).reports()
+    if holdout_labels is not None:
+        if holdout_source is None:
+            raise SimMergeError("held-out labels need a feature source for their checkpoints")
+        test = build_dataset(load_labels(holdout_labels), holdout_source, target)
+        results["held-out catalog"] = held_out_catalog(data, test, seed, names).reports()
+    return results

@@ -1,0 +1,111 @@
+"""Where pairwise features come from: the features package (signatures cached in the home) or a table.
+
+A table (`model_a, model_b, <feature columns>`, Parquet or CSV) lets a user train and score from
+features computed elsewhere, and lets tests run without checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simmerge.errors import NotFoundError, SimMergeError
+
+
+class TablePairSource:
+    """Pair features read from a table; lookups are symmetric in (a, b)."""
+
+    def __init__(self, table: pd.DataFrame, origin: str = "table") -> None:
+        for column in ("model_a", "model_b"):
+            if column not in table.columns:
+                raise SimMergeError(f"pair-feature table {origin} lacks column {column!r}")
+        self.origin = origin
+        self._names = [c for c in table.columns if c not in ("model_a", "model_b")]
+        if not self._names:
+            raise SimMergeError(f"pair-feature table {origin} has no feature columns")
+        values = table[self._names].to_numpy(dtype=np.float64)
+        self._rows: dict[tuple[str, str], np.ndarray] = {}
+        for a, b, row in zip(table["model_a"].astype(str), table["model_b"].astype(str), values, strict=True):
+            self._rows[(a, b)] = row
+            self._rows[(b, a)] = row
+
+    @classmethod
+    def read(cls, path: Path) -> TablePairSource:
+        path = Path(path)
+        if not path.exists():
+            raise NotFoundError(f"pair-feature table {path} does not exist")
+        table = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        return cls(table, str(path))
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def schema_version(self) -> str:
+        return f"table:{len(self._names)}"
+
+    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        missing = [p for p in pairs if p not in self._rows]
+        if missing:
+            raise NotFoundError(f"pair-feature table {self.origin} has no row for pair {missing[0]}")
+        if not pairs:
+            return np.zeros((0, len(self._names)))
+        return np.stack([self._rows[p] for p in pairs])
+
+
+class FeaturesPackageSource:
+    """Pairwise features from `features` over signatures cached under the SimMerge home.
+
+    Signatures are computed on demand for checkpoints that have none yet (the features package caches
+    them by content hash), so the first call for a new checkpoint costs one probe pass.
+    """
+
+    def __init__(self, home: Path, resolve: Mapping[str, Path] | None = None) -> None:
+        try:
+            import features
+        except ImportError as exc:  # pragma: no cover - the package ships with simmerge
+            raise SimMergeError(f"the features package is not available ({exc})") from exc
+        self._features = features
+        self.home = Path(home)
+        self._paths = dict(resolve or {})
+        self._signatures: dict[str, Any] = {}
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self._features.feature_names())
+
+    @property
+    def schema_version(self) -> str:
+        return str(self._features.FEATURE_SCHEMA_VERSION)
+
+    def _signature(self, name: str) -> Any:
+        if name not in self._signatures:
+            self._signatures[name] = self._features.load_signature(self.home, self._paths.get(name, name))
+        return self._signatures[name]
+
+    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        names = sorted({m for p in pairs for m in p})
+        signatures = {n: self._signature(n) for n in names}
+        return np.asarray(self._features.pairwise_features(signatures, list(pairs)), dtype=np.float64)
+
+
+def zoo_manifest(zoo_dir: Path) -> dict[str, Any]:
+    path = Path(zoo_dir) / "catalog.json"
+    if not path.exists():
+        raise NotFoundError(f"{zoo_dir}: no catalog.json (build one with `simmerge zoo build`)")
+    return json.loads(path.read_text())
+
+
+def zoo_model_tasks(zoo_dir: Path) -> dict[str, list[str]]:
+    """Checkpoint name → the tasks it was trained on, from a zoo's manifest."""
+    return {c["name"]: list(c.get("tasks") or []) for c in zoo_manifest(zoo_dir).get("checkpoints", [])}
+
+
+def zoo_paths(zoo_dir: Path) -> dict[str, Path]:
+    return {c["name"]: Path(zoo_dir) / c["path"] for c in zoo_manifest(zoo_dir).get("checkpoints", [])}
