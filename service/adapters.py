@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.api.errors import UnavailableError
+from simmerge.catalog import Catalog
 
 Progress = Callable[[float, str | None], None]
 
@@ -84,19 +85,23 @@ class ModelsSelector:
 class ModelsRunners:
     """Catalog scoring and signatures, run inside job workers."""
 
-    def score_catalog(self, home: Path, request: dict[str, Any], out_dir: Path, progress: Progress) -> dict:
+    def score_catalog(
+        self, catalog: Catalog, home: Path, request: dict[str, Any], out_dir: Path, progress: Progress
+    ) -> dict:
         try:
             from models import score_catalog
         except ImportError as exc:
             raise _missing("models.score_catalog", exc) from exc
-        return score_catalog(home=home, out_dir=out_dir, progress=progress, **request)
+        return score_catalog(catalog=catalog, home=home, out_dir=out_dir, progress=progress, **request)
 
-    def compute_features(self, home: Path, request: dict[str, Any], progress: Progress) -> dict:
+    def compute_features(
+        self, catalog: Catalog, home: Path, request: dict[str, Any], progress: Progress
+    ) -> dict:
         try:
             from features import compute_signatures
         except ImportError as exc:
             raise _missing("features.compute_signatures", exc) from exc
-        return compute_signatures(home=home, progress=progress, **request)
+        return compute_signatures(catalog=catalog, home=home, progress=progress, **request)
 
 
 MODELS_RUNNERS = ModelsRunners()

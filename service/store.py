@@ -164,6 +164,7 @@ class Store:
                         started_at=now,
                         updated_at=now,
                         worker_pid=None,
+                        progress=0.0,
                     )
                 ).rowcount
             if claimed:

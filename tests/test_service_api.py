@@ -354,6 +354,18 @@ def test_merge_submission_errors(client: TestClient, family: dict[str, Path]) ->
     assert post({"name": "x"}).status_code == 400  # neither plan nor YAML
     assert post({"name": "x", "plan": {"steps": []}}).status_code == 400
     assert post({"name": "x", "plan": {"nonsense": 1}}).status_code == 400
+    register(client, family["math"], "math")
+    no_weight = post(
+        {
+            "name": "x",
+            "plan": {"steps": [{"merge_method": "linear", "models": [{"model": "base"}, {"model": "math"}]}]},
+        }
+    )
+    assert no_weight.status_code == 400 and "weight" in error_of(no_weight)["message"]
+    bad_method = post(
+        {"name": "x", "plan": {"steps": [{"merge_method": "nope", "models": [{"model": "base"}]}]}}
+    )
+    assert bad_method.status_code == 400 and "nope" in error_of(bad_method)["message"]
     assert post({"name": "x", "plan": linear_plan(["base"]), "seed": -1}).status_code == 422
     assert post({"name": "bad name", "plan": linear_plan(["base"])}).status_code == 422
     yaml_plan = "merge_method: linear\nmodels:\n  - model: base\n  - model: ghost\n"
@@ -379,7 +391,11 @@ def test_recommendations_and_feedback_reach_the_selector(app_parts, family: dict
             "name": "ta",
             "plan": {
                 "steps": [
-                    {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "math"}]}
+                    {
+                        "merge_method": "task_arithmetic",
+                        "base_model": "base",
+                        "models": [{"model": "math", "parameters": {"weight": 1.0}}],
+                    }
                 ]
             },
         },

@@ -60,6 +60,9 @@ def _validate_merge(body: MergeIn, catalog: Catalog, settings: ServiceSettings) 
     for model in plan.checkpoints():
         if not catalog.has(model):
             raise NotFoundError(f"plan model {model!r} is not a checkpoint in the catalog")
+    from simmerge.engine import prepare
+
+    prepare(plan, catalog.resolve)  # operator parameters and tensor compatibility, from headers only
     if catalog.has(body.name) or merge_output_path(settings, body.name).exists():
         raise ConflictError(f"a checkpoint named {body.name!r} already exists")
     request["plan"] = plan.to_dict()

@@ -118,8 +118,9 @@ class JobManager:
                 continue
             del self.running[job_id]
             job = self.store.get_job(job_id)
-            if job.status != "running":
-                continue  # the worker wrote its outcome
+            if job.status != "running":  # the worker wrote its outcome; a failed one may leave scratch
+                self._clean_scratch(job_id)
+                continue
             if job.cancel_requested:
                 self._finish_cancel(job_id, job.kind, job.request)
                 continue

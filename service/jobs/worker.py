@@ -8,6 +8,7 @@ dispatcher to retry.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 import traceback
@@ -55,6 +56,7 @@ def run_job(job_id: str, settings: ServiceSettings) -> int:
         try:
             result = handler(context)
         except SimMergeError as exc:
+            shutil.rmtree(settings.scratch_dir / job_id, ignore_errors=True)  # before the row says final
             store.update_job(job_id, only_if_status=["running"], status="failed", error=str(exc))
             return 0
         except Exception as exc:
