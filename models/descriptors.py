@@ -42,8 +42,18 @@ PARAM_DEFAULTS: dict[str, float] = {
     "normalize": 1.0,
     "rescale": 1.0,
 }
-# ties-style methods normalise by default, task arithmetic does not (mergekit's registry).
-_NORMALIZE_DEFAULT = {"linear": 1.0, "task_arithmetic": 0.0, "dare_linear": 0.0, "breadcrumbs": 0.0}
+# Per-family defaults that differ from PARAM_DEFAULTS (the operator registry, after mergekit 0.1.5).
+_FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "linear": {"normalize": 1.0, "rescale": 0.0},
+    "slerp": {"normalize": 0.0, "rescale": 0.0},
+    "task_arithmetic": {"normalize": 0.0, "rescale": 0.0},
+    "ties": {"normalize": 1.0, "rescale": 0.0},
+    "dare_linear": {"normalize": 0.0, "rescale": 1.0},
+    "dare_ties": {"normalize": 0.0, "rescale": 1.0},
+    "breadcrumbs": {"normalize": 0.0, "rescale": 0.0, "gamma": 0.01},
+    "breadcrumbs_ties": {"normalize": 0.0, "rescale": 0.0, "gamma": 0.01},
+    "other": {},
+}
 
 # Behaviour shared across families: what lets a new family borrow from known ones.
 _FLAGS: dict[str, dict[str, float]] = {
@@ -155,8 +165,7 @@ def _step_vector(
     flags = [float(_FLAGS[family][flag]) for flag in FLAG_NAMES]
     values = []
     for name, default in PARAM_DEFAULTS.items():
-        if name == "normalize":
-            default = _NORMALIZE_DEFAULT.get(family, 1.0)
+        default = _FAMILY_DEFAULTS[family].get(name, default)
         if name in params:
             values.append(_numeric(params[name], name))
             continue

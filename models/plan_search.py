@@ -38,13 +38,23 @@ class Candidate:
         return "pair" if len(self.models) == 2 else "kway"
 
     def to_plan(self, base: str | None) -> Plan:
+        """A plan `simmerge merge --config` runs: every non-slerp input gets a weight (mergekit requires one),
+        a slerp interpolates from its first model, and only operators that need a base get one."""
         if self.kind == "fold":
-            return Plan.fold(
-                list(self.models), [(s.method, dict(s.params)) for s in self.settings], base=base
-            )
+            steps = [(s.method, _step_params(s)) for s in self.settings]
+            return Plan.fold(list(self.models), steps, base=base)
         setting = self.settings[0]
-        step_base = self.models[0] if setting.method == "slerp" else base
-        return Plan.single(setting.method, list(self.models), base=step_base, parameters=dict(setting.params))
+        params = dict(setting.params)
+        if setting.method == "slerp":
+            return Plan.single("slerp", list(self.models), base=self.models[0], parameters=params)
+        weight = params.pop("weight", 1.0)
+        return Plan.single(
+            setting.method,
+            list(self.models),
+            base=base if _needs_base(setting) else None,
+            parameters=params,
+            model_parameters=[{"weight": weight} for _ in self.models],
+        )
 
     def steps(self) -> list[dict]:
         if self.kind != "fold":
@@ -92,6 +102,15 @@ class CandidateFeaturizer:
 
 def _needs_base(setting: OperatorSetting) -> bool:
     return family_of(setting.method) not in ("linear", "slerp")
+
+
+def _step_params(setting: OperatorSetting) -> dict:
+    """Fold-step parameters: `weights` for both inputs unless the operator (slerp) takes none."""
+    params = dict(setting.params)
+    if setting.method != "slerp":
+        weight = params.pop("weight", 1.0)
+        params["weights"] = [weight, weight]
+    return params
 
 
 def usable_settings(settings: Sequence[OperatorSetting], base: str | None) -> list[OperatorSetting]:

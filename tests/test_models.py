@@ -8,6 +8,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from models.baselines import BestFixedSelector, LassoSelector, RandomSelector
 from models.dataset import build_dataset, load_labels
@@ -274,3 +275,26 @@ def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
     assert plot_best_merges(table, tmp_path / "best.png").stat().st_size > 1000
     with pytest.raises(SimMergeError, match=r"\.parquet or \.csv"):
         write_table(table, tmp_path / "scores.xlsx")
+
+
+def test_recommended_plans_run_through_the_merge_engine(tmp_path, predictor, data):
+    """Every kind of recommended plan (pair, k-way, fold) is a plan the engine accepts and merges."""
+    from models.synthetic import LATENT_DIM
+    from simmerge.engine import merge_state_dict
+    from tests.factories import derive_expert, write_tiny_llama
+
+    base = write_tiny_llama(tmp_path / "base", seed=0)
+    experts = [str(derive_expert(base, tmp_path / f"e{i}", seed=i + 1)) for i in range(3)]
+    rng = np.random.default_rng(0)
+    real = SyntheticCatalog(
+        experts, {e: ["t"] for e in experts}, {e: rng.normal(size=LATENT_DIM) for e in experts}
+    )
+    plans = recommend_plans(experts, predictor, real, data.feature_names, top=500, base=str(base))["plans"]
+    chosen = {}
+    for plan in plans:
+        key = (plan["kind"], plan["steps"][-1]["method"])
+        chosen.setdefault(key, plan)
+    assert {k for k, _ in chosen} == {"pair", "kway", "fold"}
+    for plan in chosen.values():
+        merged = merge_state_dict(Plan.from_yaml(plan["mergekit_yaml"]))
+        assert merged and all(torch.isfinite(t).all() for t in merged.values())
