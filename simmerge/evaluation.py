@@ -10,9 +10,10 @@ which side is padded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,8 +136,25 @@ def load_model(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dty
     path = Path(checkpoint_dir)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, local_files_only=True
+        )
     return model.to(device).eval(), load_tokenizer(path)
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-load progress bar: the label harness loads hundreds of tiny models, the CLI prints JSON."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(checkpoint_dir: str | Path):
@@ -299,6 +317,8 @@ def evaluate_model(
     padding_side: str = "right",
 ) -> dict[str, float]:
     """{task name: score} for a loaded model; `metric` overrides each task's own metric."""
+    if metric is not None:
+        _check_metric(metric)
     was_training = model.training
     model.eval()
     try:
