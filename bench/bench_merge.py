@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,9 @@ def tensor_layout(config: dict) -> list[OutputTensor]:
     return [OutputTensor(n, torch.bfloat16, tuple(p.shape)) for n, p in model.state_dict().items()]
 
 
-def write_random_checkpoint(path: Path, config: dict, layout: list[OutputTensor], seed: int, base: Path | None):
+def write_random_checkpoint(
+    path: Path, config: dict, layout: list[OutputTensor], seed: int, base: Path | None
+):
     """A base (seeded noise) or an expert (base + seeded small task vector), streamed to disk."""
     if path.exists():
         return
@@ -75,21 +78,31 @@ def write_random_checkpoint(path: Path, config: dict, layout: list[OutputTensor]
         (staging / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def run_measured(argv: list[str], env: dict[str, str] | None = None) -> Run:
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{argv[0]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
-    return Run(wall, usage.ru_maxrss / 1024)
+def run_measured(argv: list[str]) -> Run:
+    """Wall time of the whole command, and its own peak RSS (see bench/peak_rss.py for why)."""
+    with tempfile.NamedTemporaryFile() as peak_file:
+        wrapped = [sys.executable, "-m", "bench.peak_rss", peak_file.name, *argv]
+        started = time.perf_counter()
+        proc = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {proc.stderr.decode()[-2000:]}")
+        return Run(wall, int(Path(peak_file.name).read_text()) / 2**20)
+
+
+def work_script(work: Path, code: str) -> Path:
+    path = work / f"floor_{abs(hash(code))}.py"
+    path.write_text(code + "\n")
+    return path
 
 
 def plan_yaml(method: str, base: Path, experts: list[Path]) -> str:
     models = "\n".join(
-        f"  - model: {e}\n    parameters: {{weight: 1.0{', density: 0.5' if method == 'ties' else ''}}}" for e in experts
+        f"  - model: {e}\n    parameters: {{weight: 1.0{', density: 0.5' if method == 'ties' else ''}}}"
+        for e in experts
     )
-    return f"merge_method: {method}\nbase_model: {base}\nmodels:\n{models}\ndtype: bfloat16\n"
+    base_line = "" if method == "linear" else f"base_model: {base}\n"  # linear averages the experts alone
+    return f"merge_method: {method}\n{base_line}models:\n{models}\ndtype: bfloat16\n"
 
 
 def read_floor(paths: list[Path]) -> float:
@@ -136,14 +149,14 @@ def main() -> None:
         write_random_checkpoint(path, config, layout, i + 1, base)
     ckpt_bytes = Checkpoint.open(base).weight_bytes
 
-    start_floor = run_measured([sys.executable, "-c", "import simmerge.engine, simmerge.cli_merge"])
-    mk_start_floor = run_measured([sys.executable, "-c", "import mergekit.merge, mergekit.config"])
+    start_floor = run_measured([str(work_script(args.work, "import simmerge.engine, simmerge.cli_merge"))])
+    mk_start_floor = run_measured([str(work_script(args.work, "import mergekit.merge, mergekit.config"))])
     rows = []
     for k in ks:
-        inputs = [base, *experts[:k]]
-        read_s = read_floor(inputs)
         write_s = write_floor(args.work, ckpt_bytes)
         for method in args.methods.split(","):
+            inputs = experts[:k] if method == "linear" else [base, *experts[:k]]
+            read_s = read_floor(inputs)
             config_file = args.work / f"{method}-{k}.yaml"
             config_file.write_text(plan_yaml(method, base, experts[:k]))
             results = {}
@@ -157,7 +170,7 @@ def main() -> None:
                 results[tool] = run_measured(argv)
                 shutil.rmtree(out, ignore_errors=True)
             sm, mk = results["simmerge"], results["mergekit"]
-            moved = ckpt_bytes * (k + 1) + ckpt_bytes
+            moved = ckpt_bytes * (len(inputs) + 1)
             rows.append(
                 f"| {method} | {k} | {sm.wall_s:.2f} | {mk.wall_s:.2f} | **{sm.wall_s / mk.wall_s:.2f}×** "
                 f"| {sm.peak_rss_mb:.0f} | {mk.peak_rss_mb:.0f} | **{sm.peak_rss_mb / mk.peak_rss_mb:.2f}×** "
@@ -166,7 +179,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     body = (
         f"Random-init Llama, {params / 1e6:.0f}M parameters, bfloat16 ({ckpt_bytes / 1e6:.0f} MB per checkpoint); "
-        f"K experts plus the base as inputs; ties density 0.5, weights 1.0; each tool run as its own process "
+        f"K experts (plus the base for ties) as inputs; ties density 0.5, weights 1.0; each tool run as its own process "
         f"(wall time and peak RSS of that process, from `wait4`). Throughput = (inputs read + output written) / wall.\n\n"
         "| method | K | SimMerge s | mergekit s | time ratio | SimMerge peak MB | mergekit peak MB | memory ratio "
         "| SimMerge MB/s | mergekit MB/s | floor: read inputs s | floor: write output s |\n"
