@@ -47,61 +47,101 @@ def _missing(what: str, exc: Exception) -> UnavailableError:
 
 
 class ModelsSelector:
-    """The real selector from `models/`, imported on first use (it pulls in LightGBM and friends)."""
+    """The real selector: `models.api` over the home's predictor, bandit and cached signatures.
 
-    def __init__(self, home: Path) -> None:
+    `models` is imported on first use (it pulls in LightGBM and pandas), never at start-up. The
+    catalog is the service's (it may live in PostgreSQL), so the common base is looked up here.
+    """
+
+    def __init__(self, home: Path, catalog: Catalog, pair_features: Path | None = None) -> None:
         self.home = home
+        self.catalog = catalog
+        self.pair_features = pair_features
 
-    def _models(self) -> Any:
+    @staticmethod
+    def _api() -> Any:
         try:
-            import models
-
-            return models
+            from models import api
         except ImportError as exc:
-            raise _missing("the learned selector (models)", exc) from exc
+            raise _missing("the learned selector (models.api)", exc) from exc
+        return api
+
+    def _base(self, models: Sequence[str]) -> str | None:
+        bases = {self.catalog.get(m).base for m in models}
+        return bases.pop() if len(bases) == 1 else None
 
     def recommend(self, models: Sequence[str], *, top: int, task: str | None) -> list[dict[str, Any]]:
-        package = self._models()
-        recommend = getattr(package, "recommend", None)
-        if recommend is None:
-            raise _missing("models.recommend", AttributeError("recommend"))
-        result = recommend(list(models), top=top, home=self.home, task=task)
-        return result["plans"] if isinstance(result, dict) else list(result)
+        result = self._api().recommend(
+            list(models),
+            top=top,
+            home=self.home,
+            task=task,
+            base=self._base(models),
+            pair_features=self.pair_features,
+        )
+        return list(result["plans"])
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
-        package = self._models()
-        update = getattr(package, "bandit_update", None)
-        if update is None:
-            raise _missing("models.bandit_update", AttributeError("bandit_update"))
-        update(plan, task, score, home=self.home)
+        self._api().bandit_update(plan, task, score, home=self.home, pair_features=self.pair_features)
 
     def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
-        package = self._models()
-        add_arm = getattr(package, "bandit_add_arm", None)
-        if add_arm is not None:
-            add_arm(family, parameters, home=self.home)
+        self._api().bandit_add_arm(family, parameters, home=self.home, pair_features=self.pair_features)
 
 
 class ModelsRunners:
-    """Catalog scoring and signatures, run inside job workers."""
+    """Catalog scoring (models.api) and signatures (features), run inside job workers."""
 
     def score_catalog(
         self, catalog: Catalog, home: Path, request: dict[str, Any], out_dir: Path, progress: Progress
     ) -> dict:
-        try:
-            from models import score_catalog
-        except ImportError as exc:
-            raise _missing("models.score_catalog", exc) from exc
-        return score_catalog(catalog=catalog, home=home, out_dir=out_dir, progress=progress, **request)
+        """Score with models.api, then store rows best first as JSON Lines for paging."""
+        import json
+        import os
+
+        api = ModelsSelector._api()
+        work = out_dir / "models"
+        pair_features = os.environ.get("SIMMERGE_PAIR_FEATURES")
+        summary = api.score_catalog(
+            home=home,
+            out_dir=work,
+            progress=progress,
+            models=request.get("models"),
+            pair_features=Path(pair_features) if pair_features else None,
+        )
+        import pandas as pd
+
+        table = pd.read_parquet(summary["table"]).sort_values(
+            "predicted_score", ascending=False, kind="stable"
+        )
+        columns = ["model_a", "model_b", "method", "parameters", "predicted_score", "uncertainty"]
+        with (out_dir / "scores.jsonl").open("w") as out:
+            for row in table[columns].to_dict("records"):
+                params = row["parameters"]
+                row["parameters"] = json.loads(params) if isinstance(params, str) and params else {}
+                row.update(
+                    model_a=str(row["model_a"]),
+                    model_b=str(row["model_b"]),
+                    method=str(row["method"]),
+                    predicted_score=float(row["predicted_score"]),
+                    uncertainty=float(row["uncertainty"]),
+                )
+                out.write(json.dumps(row) + "\n")
+        if summary.get("plot"):
+            Path(summary["plot"]).rename(out_dir / "heatmap.png")
+        return {"checkpoints": summary.get("checkpoints"), "best": summary.get("best", [])[:3]}
 
     def compute_features(
         self, catalog: Catalog, home: Path, request: dict[str, Any], progress: Progress
     ) -> dict:
         try:
-            from features import compute_signatures
+            import features
         except ImportError as exc:
-            raise _missing("features.compute_signatures", exc) from exc
-        return compute_signatures(catalog=catalog, home=home, progress=progress, **request)
+            raise _missing("the features package", exc) from exc
+        compute = getattr(features, "compute_signatures", None)
+        if compute is None:
+            raise _missing("features.compute_signatures", AttributeError("compute_signatures"))
+        entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
+        return compute(home=home, checkpoints={e.name: e.path for e in entries}, progress=progress)
 
 
 MODELS_RUNNERS = ModelsRunners()

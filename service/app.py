@@ -93,8 +93,8 @@ def create_app(settings: ServiceSettings | None = None, *, selector: Selector | 
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.catalog = Catalog(store.engine)
-    app.state.selector = selector or ModelsSelector(settings.home_dir)
+    app.state.catalog = catalog = Catalog(store.engine)
+    app.state.selector = selector or ModelsSelector(settings.home_dir, catalog, settings.pair_features)
     app.state.jobs = None
     app.state.metrics = metrics = Metrics()
     install_error_handlers(app)

@@ -56,6 +56,8 @@ class ServiceSettings(BaseSettings):
     ray_num_cpus: float = 1.0
     # Fault injection for tests and drills: a worker sleeps this long at each progress report.
     worker_step_delay_s: float = 0.0
+    # A pair-feature table (Parquet/CSV: model_a, model_b, features...) used instead of cached signatures.
+    pair_features: Path | None = None
     # `module:attribute` of the object that scores catalogs and computes features inside workers.
     job_runners: str = "service.adapters:MODELS_RUNNERS"
     run_migrations: bool = True
@@ -100,7 +102,10 @@ class ServiceSettings(BaseSettings):
         """The settings a job worker needs, serialised; tokens stay in the server."""
         data = self.model_dump(mode="json", exclude={"tokens"})
         data["home"] = str(self.home_dir)
-        return {WORKER_SETTINGS_ENV: json.dumps(data)}
+        env = {WORKER_SETTINGS_ENV: json.dumps(data)}
+        if self.pair_features is not None:
+            env["SIMMERGE_PAIR_FEATURES"] = str(self.pair_features)
+        return env
 
     @classmethod
     def from_worker_env(cls) -> ServiceSettings:

@@ -49,7 +49,7 @@ class FakeSelector:
         ]
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
-        self.rewards[plan["steps"][-1]["merge_method"]].append(score)
+        self.rewards[plan["plan"]["steps"][-1]["merge_method"]].append(score)
 
     def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
         self.families.append(family)

@@ -107,10 +107,16 @@ class RecommendedPlan(BaseModel):
     uncertainty: float
     mergekit_yaml: str
     drivers: list[Any] | dict[str, Any] = Field(default_factory=list)
+    kind: str | None = None
+    description: str | None = None
+    plan: dict[str, Any] | None = Field(default=None, description="post it to /v1/merges as is")
+    bandit_score: float | None = Field(default=None, description="the bandit's estimate once feedback exists")
+    bandit_width: float | None = None
 
 
 class RecommendationOut(BaseModel):
     plans: list[RecommendedPlan]
+    task: str | None = None
 
 
 class MergeIn(BaseModel):
@@ -120,6 +126,9 @@ class MergeIn(BaseModel):
     mergekit_yaml: str | None = Field(default=None, max_length=1_000_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    predicted_score: float | None = Field(
+        default=None, allow_inf_nan=False, description="the recommendation's prediction; the bandit's prior"
+    )
 
 
 class ScoringIn(BaseModel):

@@ -33,7 +33,7 @@ async def recommend(
         if model not in known:
             raise NotFoundError(f"{model!r} is not a checkpoint in the catalog")
     plans = await run_in_threadpool(selector.recommend, body.models, top=body.top, task=body.task)
-    return {"plans": plans}
+    return {"plans": plans, "task": body.task}
 
 
 @router.post("/feedback", response_model=FeedbackOut, status_code=201, tags=["feedback"])
@@ -50,17 +50,20 @@ def feedback(
     if body.merge_id is not None:
         job = store.get_job(body.merge_id, "merge")
         checkpoint, plan = job.request["name"], job.request["plan"]
+        prior = job.request.get("predicted_score")
     else:
         entry = catalog.get(body.checkpoint or "")
         if not entry.plan:
             raise SimMergeError(f"checkpoint {entry.name!r} is not a merge (it has no plan)")
-        checkpoint, plan = entry.name, entry.plan
+        checkpoint, plan, prior = entry.name, entry.plan, None
     if all(t.name != body.task for t in catalog.tasks()):
         raise NotFoundError(f"no task named {body.task!r} in the catalog")
     row = store.add_feedback(
         checkpoint=checkpoint, task=body.task, score=body.score, plan=plan, merge_job_id=body.merge_id
     )
-    selector.feedback(plan, body.task, body.score)
+    selector.feedback(
+        {"plan": plan, **({"predicted_score": prior} if prior is not None else {})}, body.task, body.score
+    )
     return {
         "id": row.id,
         "checkpoint": checkpoint,

@@ -1,0 +1,154 @@
+"""Recommendations, feedback and catalog scoring through the real learned selector (`models.api`).
+
+The predictor is trained here on a synthetic catalog's labels and pair-feature table (what
+`simmerge train --pair-features` does), and the catalog's checkpoints carry the synthetic names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import ServiceSettings
+from tests.factories import write_tiny_llama
+from tests.test_service_support import auth, token_settings, wait_for
+
+pytest.importorskip("models.api")
+
+
+def build_synthetic_home(root: Path, n_tasks: int = 3, per_task: int = 3) -> dict[str, Any]:
+    """A trained predictor, a pair-feature table and one tiny checkpoint per synthetic expert."""
+    from models.api import train_selectors
+    from models.sources import TablePairSource
+    from models.synthetic import make_catalog, make_labels
+
+    synthetic = make_catalog(n_tasks=n_tasks, per_task=per_task, seed=0)
+    labels = root / "labels.parquet"
+    make_labels(synthetic, seed=0).to_parquet(labels)
+    pairs = list(combinations(synthetic.names, 2))
+    table = pd.DataFrame(synthetic.pair_features(pairs), columns=synthetic.feature_names)
+    table.insert(0, "model_b", [b for _, b in pairs])
+    table.insert(0, "model_a", [a for a, _ in pairs])
+    features = root / "pairs.parquet"
+    table.to_parquet(features)
+    home = root / "home"
+    train_selectors(labels, TablePairSource.read(features), home / "predictor", validate=False)
+    checkpoints = root / "ckpts"
+    template = write_tiny_llama(checkpoints / "base", seed=0, hidden=16, layers=1, vocab=32)
+    for name in synthetic.names:
+        shutil.copytree(template, checkpoints / name)
+    return {"home": home, "features": features, "checkpoints": checkpoints, "names": synthetic.names}
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return build_synthetic_home(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture
+def client(synthetic: dict[str, Any], tmp_path: Path):
+    home = tmp_path / "home"
+    shutil.copytree(synthetic["home"], home)
+    settings = ServiceSettings(
+        home=home,
+        catalog_roots=[synthetic["checkpoints"]],
+        tokens=token_settings(),
+        pair_features=synthetic["features"],
+        job_poll_interval_s=0.05,
+    )
+    with TestClient(create_app(settings)) as client:
+        root = synthetic["checkpoints"]
+        base = {"path": str(root / "base"), "name": "base"}
+        assert client.post("/v1/checkpoints", json=base, headers=auth("writer")).status_code == 201
+        for name in synthetic["names"]:
+            body = {"path": str(root / name), "name": name, "base": "base"}
+            assert client.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+        task = b'{"prompt": "a", "completion": "b"}\n'
+        headers = {**auth("writer"), "Content-Type": "application/x-ndjson"}
+        assert (
+            client.post("/v1/tasks", params={"name": "task0"}, content=task, headers=headers).status_code
+            == 201
+        )
+        yield client
+
+
+def test_recommendation_is_ranked_and_runnable(client: TestClient, synthetic: dict[str, Any]) -> None:
+    models = synthetic["names"][:3]
+    response = client.post("/v1/recommendations", json={"models": models, "top": 4})
+    assert response.status_code == 200, response.text
+    plans = response.json()["plans"]
+    assert [p["rank"] for p in plans] == [1, 2, 3, 4]
+    scores = [p["predicted_score"] for p in plans]
+    assert scores == sorted(scores, reverse=True)
+    for plan in plans:
+        assert set(plan["models"]) <= set(models) and plan["mergekit_yaml"].strip()
+        assert plan["drivers"] and {"feature", "contribution"} <= set(plan["drivers"][0])
+    # a recommended plan is accepted by the merge endpoint as it is
+    merge = {"name": "top-merge", "plan": plans[0]["plan"], "predicted_score": plans[0]["predicted_score"]}
+    submitted = client.post("/v1/merges", json=merge, headers=auth("writer"))
+    assert submitted.status_code == 202, submitted.text
+
+
+def test_feedback_moves_the_next_recommendation(client: TestClient, synthetic: dict[str, Any]) -> None:
+    models = synthetic["names"][:2]
+    ask = {"models": models, "top": 8, "task": "task0"}
+    before = {
+        json.dumps(p["plan"], sort_keys=True): p
+        for p in client.post("/v1/recommendations", json=ask).json()["plans"]
+    }
+    top = next(iter(before.values()))
+    assert "bandit_score" not in top or top["bandit_score"] is None
+    merge = {"name": "fed-back", "plan": top["plan"], "predicted_score": top["predicted_score"]}
+    job = client.post("/v1/merges", json=merge, headers=auth("writer")).json()
+    low = top["predicted_score"] - 0.5
+    for _ in range(3):
+        sent = client.post(
+            "/v1/feedback",
+            json={"merge_id": job["id"], "task": "task0", "score": low},
+            headers=auth("writer"),
+        )
+        assert sent.status_code == 201, sent.text
+    after = {
+        json.dumps(p["plan"], sort_keys=True): p
+        for p in client.post("/v1/recommendations", json=ask).json()["plans"]
+    }
+    same = after[json.dumps(top["plan"], sort_keys=True)]
+    assert same["bandit_score"] is not None and same["bandit_score"] < top["predicted_score"]
+    assert client.get("/v1/jobs/" + job["id"]).json()["status"] in ("queued", "running", "succeeded")
+
+
+def test_new_arm_reaches_the_bandit(client: TestClient, synthetic: dict[str, Any]) -> None:
+    added = client.post(
+        "/v1/operators/ties/arms", json={"parameters": {"density": 0.35}}, headers=auth("writer")
+    )
+    assert added.status_code == 201, added.text
+    state = json.loads((client.app.state.settings.home_dir / "bandit" / "bandit.json").read_text())
+    settings = [info for info in state["arm_info"].values() if info["method"] == "ties"]
+    assert any(info["params"].get("density") == 0.35 for info in settings), settings
+
+
+def test_catalog_scoring_job_pages_and_plots(client: TestClient, synthetic: dict[str, Any]) -> None:
+    models = synthetic["names"][:4]
+    job = client.post("/v1/scoring", json={"models": models}, headers=auth("writer")).json()
+    done = wait_for(
+        lambda: (
+            (s := client.get(f"/v1/scoring/{job['id']}").json())["status"] in ("succeeded", "failed") and s
+        )
+    )
+    assert done["status"] == "succeeded", done
+    page = client.get(f"/v1/scoring/{job['id']}/results", params={"limit": 5}).json()
+    assert page["total"] >= 6 and len(page["items"]) == 5
+    pairs = {frozenset((r["model_a"], r["model_b"])) for r in page["items"]}
+    assert all(p <= set(models) for p in pairs)
+    scores = [r["predicted_score"] for r in page["items"]]
+    assert scores == sorted(scores, reverse=True)
+    png = client.get(f"/v1/scoring/{job['id']}/heatmap.png")
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
