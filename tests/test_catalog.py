@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import uuid
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect, text
 
 from simmerge.catalog import VERSION_TABLE, Catalog
 from simmerge.cli import cli
@@ -23,9 +25,28 @@ def family(tmp_path_factory):
     return base, expert, wide
 
 
-def test_add_get_list_and_migrations(tmp_path, family):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """SQLite always; PostgreSQL (a fresh schema per test) when SIMMERGE_TEST_DATABASE_URL is set."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'catalog.db'}"
+        return
+    server = os.environ.get("SIMMERGE_TEST_DATABASE_URL")
+    if not server:
+        pytest.skip("SIMMERGE_TEST_DATABASE_URL is not set")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{server}{'&' if '?' in server else '?'}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def test_add_get_list_and_migrations(database_url, family):
     base, expert, _ = family
-    with Catalog.open(tmp_path) as store:
+    with Catalog.open(url=database_url) as store:
         assert VERSION_TABLE in inspect(store.engine).get_table_names()
         store.add(base)
         entry = store.add(expert, name="math", base="base", tasks=["sum"])
@@ -33,13 +54,13 @@ def test_add_get_list_and_migrations(tmp_path, family):
         assert len(entry.content_hash) == 64 and entry.architecture == "LlamaForCausalLM"
         assert [e.name for e in store.list()] == ["base", "math"]
         assert store.resolve("math") == expert.resolve()
-    with Catalog.open(tmp_path) as reopened:  # persisted, and migrations are idempotent
+    with Catalog.open(url=database_url) as reopened:  # persisted, and migrations are idempotent
         assert reopened.get("math").tasks == ["sum"]
 
 
-def test_duplicates_unknown_base_and_incompatible_base(tmp_path, family):
+def test_duplicates_unknown_base_and_incompatible_base(database_url, family):
     base, expert, wide = family
-    with Catalog.open(tmp_path) as store:
+    with Catalog.open(url=database_url) as store:
         store.add(base)
         with pytest.raises(ConflictError, match="'base'"):
             store.add(base)
