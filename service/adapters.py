@@ -36,10 +36,16 @@ class JobRunners(Protocol):
     """Long computations run inside job workers (never on a request thread)."""
 
     def score_catalog(
-        self, home: Path, request: dict[str, Any], out_dir: Path, progress: Progress
-    ) -> dict: ...
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], out_dir: Path, progress: Progress
+    ) -> dict:
+        """Write `scores.jsonl` (rows best first) and `heatmap.png` into `out_dir`."""
+        ...
 
-    def compute_features(self, home: Path, request: dict[str, Any], progress: Progress) -> dict: ...
+    def compute_features(
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Progress
+    ) -> dict:
+        """Compute cached signatures; return {"signatures": [{checkpoint, content_hash, probes_hash, path}]}."""
+        ...
 
 
 def _missing(what: str, exc: Exception) -> UnavailableError:
@@ -92,21 +98,18 @@ class ModelsRunners:
     """Catalog scoring (models.api) and signatures (features), run inside job workers."""
 
     def score_catalog(
-        self, catalog: Catalog, home: Path, request: dict[str, Any], out_dir: Path, progress: Progress
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], out_dir: Path, progress: Progress
     ) -> dict:
         """Score with models.api, then store rows best first as JSON Lines for paging."""
         import json
-        import os
 
         api = ModelsSelector._api()
-        work = out_dir / "models"
-        pair_features = os.environ.get("SIMMERGE_PAIR_FEATURES")
         summary = api.score_catalog(
-            home=home,
-            out_dir=work,
+            home=settings.home_dir,
+            out_dir=out_dir / "models",
             progress=progress,
             models=request.get("models"),
-            pair_features=Path(pair_features) if pair_features else None,
+            pair_features=settings.pair_features,
         )
         import pandas as pd
 
@@ -131,7 +134,7 @@ class ModelsRunners:
         return {"checkpoints": summary.get("checkpoints"), "best": summary.get("best", [])[:3]}
 
     def compute_features(
-        self, catalog: Catalog, home: Path, request: dict[str, Any], progress: Progress
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Progress
     ) -> dict:
         try:
             import features
@@ -141,7 +144,9 @@ class ModelsRunners:
         if compute is None:
             raise _missing("features.compute_signatures", AttributeError("compute_signatures"))
         entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
-        return compute(home=home, checkpoints={e.name: e.path for e in entries}, progress=progress)
+        return compute(
+            home=settings.home_dir, checkpoints={e.name: e.path for e in entries}, progress=progress
+        )
 
 
 MODELS_RUNNERS = ModelsRunners()

@@ -98,14 +98,14 @@ class ServiceSettings(BaseSettings):
             self.merges_dir.resolve()
         ]
 
-    def to_worker_env(self) -> dict[str, str]:
+    def worker_json(self) -> str:
         """The settings a job worker needs, serialised; tokens stay in the server."""
         data = self.model_dump(mode="json", exclude={"tokens"})
         data["home"] = str(self.home_dir)
-        env = {WORKER_SETTINGS_ENV: json.dumps(data)}
-        if self.pair_features is not None:
-            env["SIMMERGE_PAIR_FEATURES"] = str(self.pair_features)
-        return env
+        return json.dumps(data)
+
+    def to_worker_env(self) -> dict[str, str]:
+        return {WORKER_SETTINGS_ENV: self.worker_json()}
 
     @classmethod
     def from_worker_env(cls) -> ServiceSettings:

@@ -21,7 +21,7 @@ def _pair_score(a: str, b: str, method: str) -> float:
 
 class FakeRunners:
     def score_catalog(
-        self, catalog: Catalog, home: Path, request: dict[str, Any], out_dir: Path, progress: Any
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], out_dir: Path, progress: Any
     ) -> dict:
         names = request.get("models") or [e.name for e in catalog.list()]
         methods = request.get("methods") or ["linear", "ties"]
@@ -54,7 +54,7 @@ class FakeRunners:
         plt.close(fig)
         return {"candidates": len(rows)}
 
-    def compute_features(self, catalog: Catalog, home: Path, request: dict[str, Any], progress: Any) -> dict:
+    def compute_features(self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Any) -> dict:
         entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
         signatures = [
             {

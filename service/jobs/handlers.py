@@ -110,7 +110,7 @@ def run_scoring_job(ctx: JobContext) -> dict[str, Any]:
     staging = ctx.fresh_scratch() / "results"
     staging.mkdir()
     summary = load_runners(ctx.settings).score_catalog(
-        ctx.catalog(), ctx.settings.home_dir, ctx.request, staging, ctx.progress
+        ctx.catalog(), ctx.settings, ctx.request, staging, ctx.progress
     )
     final = results_dir(ctx.settings, ctx.job_id)
     shutil.rmtree(final, ignore_errors=True)
@@ -123,7 +123,7 @@ def run_scoring_job(ctx: JobContext) -> dict[str, Any]:
 
 def run_features_job(ctx: JobContext) -> dict[str, Any]:
     summary = load_runners(ctx.settings).compute_features(
-        ctx.catalog(), ctx.settings.home_dir, ctx.request, ctx.progress
+        ctx.catalog(), ctx.settings, ctx.request, ctx.progress
     )
     for item in (summary or {}).get("signatures", []):
         ctx.store.record_signature(

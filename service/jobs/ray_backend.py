@@ -1,0 +1,71 @@
+"""The Ray backend: each attempt is a Ray task that asks for `ray_num_gpus` GPUs.
+
+The task runs the same `run_job` as the local worker, so the job row stays the truth; Ray's own
+retries are off (max_retries=0) because the dispatcher retries, counting attempts in the row.
+Install with the `ray` extra (`pip install 'simmerge[ray]'`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from service.api.errors import UnavailableError
+from service.settings import ServiceSettings
+
+
+def _run_attempt(job_id: str, settings_json: str) -> int:
+    """Executed inside a Ray worker process."""
+    from service.jobs.worker import run_job
+
+    return run_job(job_id, ServiceSettings.model_validate(json.loads(settings_json)))
+
+
+class RayHandle:
+    def __init__(self, job_id: str, ref: Any, ray: Any) -> None:
+        self.job_id = job_id
+        self.ref = ref
+        self.pid: int | None = None
+        self._ray = ray
+
+    def poll(self) -> int | None:
+        ready, _ = self._ray.wait([self.ref], timeout=0)
+        if not ready:
+            return None
+        try:
+            return int(self._ray.get(self.ref))
+        except self._ray.exceptions.TaskCancelledError:
+            return -9
+        except self._ray.exceptions.RayError:  # the worker died or raised
+            return 1
+
+    def kill(self) -> None:
+        """Force-cancel (kills the Ray worker process) and wait until it is gone, so cleanup is safe."""
+        self._ray.cancel(self.ref, force=True)
+        self._ray.wait([self.ref], timeout=30)
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        try:
+            import ray
+        except ImportError as exc:
+            raise UnavailableError("job_backend='ray' needs Ray: pip install 'simmerge[ray]'") from exc
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = True
+        self._settings_json = settings.worker_json()
+        self._remote = ray.remote(
+            num_gpus=settings.ray_num_gpus, num_cpus=settings.ray_num_cpus, max_retries=0
+        )(_run_attempt)
+
+    def start(self, job_id: str) -> RayHandle:
+        return RayHandle(job_id, self._remote.remote(job_id, self._settings_json), self._ray)
+
+    def shutdown(self) -> None:
+        if self._owns_ray:
+            self._ray.shutdown()
