@@ -370,3 +370,26 @@ def test_inputs_are_left_untouched_and_other_dtypes_come_out_float32():
     out = run("ties", experts, base, model_params=[{"weight": 1.0, "density": 0.5}] * 2)
     assert out.dtype == torch.float32
     assert all(torch.equal(x, y) for x, y in zip([base, *experts], copies, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("method", "method_params", "per_model"),
+    [
+        ("task_arithmetic", {"normalize": True}, {}),
+        ("ties", {}, {}),
+        ("ties", {"rescale": True}, {"density": 0.4}),
+        ("dare_ties", {}, {"density": 0.6}),
+        ("breadcrumbs_ties", {}, {"density": 0.7, "gamma": 0.1}),
+        ("slerp", {"t": 0.4}, None),
+    ],
+)
+def test_slice_by_slice_work_gives_the_whole_tensor_result(monkeypatch, method, method_params, per_model):
+    generator = torch.Generator().manual_seed(8)
+    base = torch.randn(9, 13, generator=generator)
+    n = 1 if per_model is None else 3
+    experts = [base + torch.randn(9, 13, generator=generator) for _ in range(n)]
+    model_params = [{}] if per_model is None else [{"weight": w, **per_model} for w in (0.5, 1.0, -0.25)]
+    whole = run(method, experts, base, method_params, model_params, seed=3)
+    monkeypatch.setattr(operators.base, "CHUNK", 10)  # 117 entries → 12 slices, the last partial
+    sliced = run(method, experts, base, method_params, model_params, seed=3)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6 if method == "slerp" else 0)

@@ -236,6 +236,16 @@ class MergeOperator:
         return f"<{type(self).__name__} {self.name}>"
 
 
+# Entries per slice where an operator works slice by slice (1 MiB of float32): scratch memory stays
+# bounded and cache-sized whatever the tensor's size.
+CHUNK = 1 << 18
+
+
+def chunks(numel: int) -> list[slice]:
+    """Consecutive slices of at most CHUNK entries covering ``range(numel)``."""
+    return [slice(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK)]
+
+
 def as_float32(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor in float32 (no copy when it already is)."""
     return tensor if tensor.dtype == torch.float32 else tensor.to(torch.float32)

@@ -17,6 +17,9 @@ class Breadcrumbs(TaskVectorMerge):
     method_params = common_method_params(normalize=False, rescale=False)
     model_params = (WEIGHT, DENSITY, GAMMA)
 
+    def sparsifies(self, model_params):
+        return model_params["density"] < 1
+
     def sparsify(self, delta, model_params, rescale, generator):
         return keep_between_outliers(delta, model_params["density"], model_params["gamma"], rescale)
 

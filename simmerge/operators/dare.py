@@ -12,6 +12,9 @@ class DareLinear(TaskVectorMerge):
     method_params = common_method_params(normalize=False, rescale=True)
     random = True
 
+    def sparsifies(self, model_params):
+        return model_params["density"] < 1
+
     def sparsify(self, delta, model_params, rescale, generator):
         return keep_random(delta, model_params["density"], rescale, generator)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from simmerge.operators.base import MergeOperator, Param, as_float32
+from simmerge.operators.base import MergeOperator, Param, as_float32, chunks
 
 # mergekit's choices: directions closer than this are treated as colinear (or antipodal) and
 # interpolated linearly; norms at or below NORM_EPS are taken as 1 (a zero tensor has no direction).
@@ -16,24 +16,33 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """``sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1`` with θ the angle between the flattened tensors.
 
     The coefficients come from the normalised directions but multiply the raw tensors, so norms
-    are interpolated too; |cos θ| > DOT_THRESHOLD falls back to ``(1-t) v0 + t v1``.
+    are interpolated too; |cos θ| > DOT_THRESHOLD falls back to ``(1-t) v0 + t v1``. Norms, the dot
+    product and the result are computed slice by slice, so scratch memory stays small.
     """
-    a, b = as_float32(v0), as_float32(v1)
-    t = torch.tensor(t, dtype=torch.float32, device=a.device)
-    if a.numel() == 0:
-        return (1 - t) * a + t * b
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > NORM_EPS else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > NORM_EPS else torch.ones_like(norm_b)
-    cos = ((a / norm_a) * (b / norm_b)).sum().clamp(-1.0, 1.0)
+    a, b = as_float32(v0).reshape(-1), as_float32(v1).reshape(-1)
+    t_ = torch.tensor(t, dtype=torch.float32, device=a.device)
+    parts = chunks(a.numel())
+    if not parts:
+        return ((1 - t_) * a + t_ * b).reshape(v0.shape)
+    norm_a = _safe_norm(torch.stack([torch.linalg.vector_norm(a[p]) for p in parts]))
+    norm_b = _safe_norm(torch.stack([torch.linalg.vector_norm(b[p]) for p in parts]))
+    cos = torch.stack([((a[p] / norm_a) * (b[p] / norm_b)).sum() for p in parts]).sum().clamp(-1.0, 1.0)
     if cos.abs() > DOT_THRESHOLD:
-        return (1 - t) * a + t * b
-    theta = torch.acos(cos)
-    sin_theta = torch.sin(theta)
-    coef_a = torch.sin((1 - t) * theta) / sin_theta
-    coef_b = torch.sin(t * theta) / sin_theta
-    return coef_a * a + coef_b * b
+        coef_a, coef_b = 1 - t_, t_
+    else:
+        theta = torch.acos(cos)
+        coef_a = torch.sin((1 - t_) * theta) / torch.sin(theta)
+        coef_b = torch.sin(t_ * theta) / torch.sin(theta)
+    out = torch.empty_like(a)
+    for p in parts:
+        out[p] = coef_a * a[p] + coef_b * b[p]
+    return out.reshape(v0.shape)
+
+
+def _safe_norm(partial_norms: torch.Tensor) -> torch.Tensor:
+    """The norm from per-slice norms; at or below NORM_EPS it is taken as 1 (no direction to keep)."""
+    norm = torch.linalg.vector_norm(partial_norms)
+    return norm if norm > NORM_EPS else torch.ones_like(norm)
 
 
 class Slerp(MergeOperator):

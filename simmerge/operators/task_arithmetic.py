@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from simmerge.operators.base import MergeOperator, Param, as_float32
+from simmerge.operators.base import MergeOperator, Param, as_float32, chunks
 
 # Below this |Σ w_i| the non-consensus divisor is taken as 1 (mergekit's rule), so normalising
 # weights that cancel leaves the weighted sum undivided instead of exploding.
@@ -32,21 +32,30 @@ WEIGHT = Param("weight", float, doc="coefficient of this task vector; required, 
 DENSITY = Param("density", float, 1.0, low=0.0, high=1.0, low_open=True, doc="fraction of entries kept")
 
 
-def elected_mask(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES consensus: True where an entry's sign equals the sign of the coordinate's sum.
+def agrees_with_elected_sign(weighted: torch.Tensor, elected_positive: torch.Tensor) -> torch.Tensor:
+    """TIES consensus for one weighted task vector: True where its sign is the coordinate's elected one.
 
-    A zero sum elects +; zero entries have no sign and never count.
+    Zero entries have no sign and never agree.
     """
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
-    return torch.sign(weighted) == elected
+    return torch.where(elected_positive, weighted > 0, weighted < 0)
 
 
 class TaskVectorMerge(MergeOperator):
-    """Base of the task-vector families; subclasses set ``consensus`` and override ``sparsify``."""
+    """Base of the task-vector families; subclasses set ``consensus`` and override ``sparsify``.
+
+    Sparsifiers act on the flattened task vector (top-k, sorting and the random draw are all in
+    flat order). Everything after sparsification is per coordinate, so it runs in slices of
+    ``base.CHUNK`` entries: scratch memory stays a few MiB, and only families that really sparsify hold
+    whole task vectors.
+    """
 
     consensus = False
     needs_base = True
     model_params: tuple[Param, ...] = (WEIGHT, DENSITY)
+
+    def sparsifies(self, model_params: dict[str, Any]) -> bool:
+        """Whether ``sparsify`` changes this model's task vector (it needs the whole tensor then)."""
+        return False
 
     def sparsify(
         self,
@@ -55,35 +64,56 @@ class TaskVectorMerge(MergeOperator):
         rescale: bool,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Task vector → sparsified task vector; identity here (task_arithmetic ignores density)."""
+        """Flat task vector → sparsified task vector; identity here (task_arithmetic ignores density)."""
         return delta
 
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
         assert base is not None
-        base = as_float32(base)
-        deltas = torch.stack(
-            [
-                self.sparsify(as_float32(t) - base, mp, params["rescale"], generator)
-                for t, mp in zip(tensors, model_params, strict=True)
+        base_flat = as_float32(base).reshape(-1)
+        flats = [as_float32(t).reshape(-1) for t in tensors]
+        weights = [mp["weight"] for mp in model_params]
+        if any(self.sparsifies(mp) for mp in model_params):
+            sparse = [
+                self.sparsify(flat - base_flat, mp, params["rescale"], generator)
+                for flat, mp in zip(flats, model_params, strict=True)
             ]
-        )
-        weights = torch.tensor([mp["weight"] for mp in model_params], dtype=torch.float32, device=base.device)
-        weights = weights.reshape(-1, *([1] * base.dim()))
-        weighted = deltas * weights
-        if self.consensus:
-            keep = elected_mask(weighted).to(torch.float32)
-            combined = (weighted * keep).sum(dim=0)
-            divisor = (weights * keep).sum(dim=0)
-            divisor = torch.where(divisor == 0, 1.0, divisor)
+
+            def delta(index: int, part: slice) -> torch.Tensor:
+                return sparse[index][part]
         else:
-            combined = weighted.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor = torch.where(divisor.abs() < ZERO_DIVISOR, 1.0, divisor)
-        if params["normalize"]:
-            combined = combined / divisor
-        if params["lambda"] != 1:
-            combined = combined * params["lambda"]
-        return base + combined
+
+            def delta(index: int, part: slice) -> torch.Tensor:
+                return flats[index][part] - base_flat[part]
+
+        out = torch.empty_like(base_flat)
+        for part in chunks(base_flat.numel()):
+            weighted = [delta(i, part) * w for i, w in enumerate(weights)]
+            combined, divisor = self._combine(weighted, weights)
+            if params["normalize"]:
+                combined.div_(divisor)
+            if params["lambda"] != 1:
+                combined.mul_(params["lambda"])
+            out[part] = combined.add_(base_flat[part])
+        return out.reshape(base.shape)
+
+    def _combine(
+        self, weighted: list[torch.Tensor], weights: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Combined weighted task vectors of one slice, and the divisor ``normalize`` uses."""
+        combined = weighted[0].clone() if self.consensus else weighted[0]
+        for value in weighted[1:]:
+            combined = combined.add_(value)
+        if not self.consensus:
+            total = float(torch.tensor(weights, dtype=torch.float32).sum())
+            return combined, 1.0 if abs(total) < ZERO_DIVISOR else total
+        elected_positive = combined >= 0  # a zero sum elects +
+        combined.zero_()
+        divisor = torch.zeros_like(combined)
+        for value, weight in zip(weighted, weights, strict=True):
+            keep = agrees_with_elected_sign(value, elected_positive).to(torch.float32)
+            combined.addcmul_(value, keep)
+            divisor.add_(keep, alpha=weight)
+        return combined, divisor.masked_fill_(divisor == 0, 1.0)
 
 
 class TaskArithmetic(TaskVectorMerge):

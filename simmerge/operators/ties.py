@@ -12,5 +12,8 @@ class Ties(TaskVectorMerge):
     method_params = common_method_params(normalize=True, rescale=False)
     consensus = True
 
+    def sparsifies(self, model_params):
+        return model_params["density"] < 1
+
     def sparsify(self, delta, model_params, rescale, generator):
         return keep_top_magnitude(delta, model_params["density"], rescale)
