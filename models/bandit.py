@@ -32,9 +32,11 @@ class LinearBandit:
     context_dim: int
     arm_dim: int
     policy: str = "ucb"
-    alpha: float = 0.5  # UCB width multiplier
-    noise: float = 0.05  # Thompson posterior scale (reward noise)
-    ridge: float = 1.0
+    # Widths are in reward units (normalised scores): the defaults assume score noise of about 0.02 and
+    # a strong pull towards the prior (ridge 10); chosen on the synthetic replay (bench/bench_bandit.py).
+    alpha: float = 0.02  # UCB width multiplier
+    noise: float = 0.02  # Thompson posterior scale (reward noise)
+    ridge: float = 10.0
     prior_weight: float = 1.0  # θ's starting weight on the regressor's prediction
     seed: int = 0
     arms: dict[str, np.ndarray] = field(default_factory=dict)

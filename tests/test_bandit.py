@@ -10,6 +10,8 @@ from models.descriptors import ARM_FEATURE_NAMES, DEFAULT_SETTINGS, arm_features
 from simmerge.errors import ConflictError, NotFoundError, SimMergeError
 
 ARMS = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
+# These problems have rewards of order 1 with noise 0.05, wider than normalised merge scores: explore more.
+UNIT_SCALE = {"alpha": 0.3, "noise": 0.1, "ridge": 1.0}
 
 
 def _reward(context: np.ndarray, arm: np.ndarray) -> float:
@@ -19,7 +21,9 @@ def _reward(context: np.ndarray, arm: np.ndarray) -> float:
 
 def _run(policy: str | None, rounds: int = 300, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
-    bandit = LinearBandit(context_dim=2, arm_dim=3, policy=policy or "ucb", seed=seed, prior_weight=0.0)
+    bandit = LinearBandit(
+        context_dim=2, arm_dim=3, policy=policy or "ucb", seed=seed, prior_weight=0.0, **UNIT_SCALE
+    )
     for name, vec in ARMS.items():
         bandit.add_arm(name, vec)
     regret = 0.0
@@ -41,7 +45,7 @@ def test_regret_falls_below_random_on_a_known_linear_problem(policy):
 
 def test_arm_added_online_is_chosen_once_its_reward_dominates():
     rng = np.random.default_rng(1)
-    bandit = LinearBandit(context_dim=2, arm_dim=4, policy="ucb", prior_weight=0.0)
+    bandit = LinearBandit(context_dim=2, arm_dim=4, policy="ucb", prior_weight=0.0, **UNIT_SCALE)
     for name, vec in ARMS.items():
         bandit.add_arm(name, [*vec, 0.0])
     reward_of = {"a": 0.3, "b": 0.2, "c": 0.6, "new": 0.95}
