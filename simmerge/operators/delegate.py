@@ -19,6 +19,8 @@ from simmerge.operators.base import REQUIRED, MergeOperator, Param, as_float32
 
 # mergekit methods that draw random numbers (their results depend on the forked RNG).
 RANDOM_METHODS = frozenset({"della", "della_linear"})
+# Ranges mergekit checks only when merging (or not at all); checked here when the plan is validated.
+KNOWN_RANGES: dict[str, dict[str, Any]] = {"density": {"low": 0.0, "high": 1.0, "low_open": True}}
 
 
 def mergekit_methods() -> dict[str, Any]:
@@ -40,8 +42,9 @@ def _param_from_spec(spec: Any) -> Param | None:
     if value_type not in (bool, int, float):
         return None
     default = REQUIRED if spec.required else spec.default
+    doc = f"mergekit {spec.scope.value} parameter"
     return Param(
-        spec.name, value_type, default, nullable=nullable, doc=f"mergekit {spec.scope.value} parameter"
+        spec.name, value_type, default, nullable=nullable, doc=doc, **KNOWN_RANGES.get(spec.name, {})
     )
 
 
