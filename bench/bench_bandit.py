@@ -184,6 +184,7 @@ def _plot(runs: dict[str, dict[str, np.ndarray]], out: Path) -> None:
         ax.set_xlabel("round")
         ax.set_ylabel("cumulative regret (symlog)")
         ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

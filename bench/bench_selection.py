@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
             table, _ = _triples(train, test, args.seed)
             body += ["### Multi-way plans (plan search)\n", table]
             model = LightGBMSelector(seed=args.seed).fit(train.X, train.y, train.feature_names)
-            from models.api import _distinct_settings
+            from models.api import labelled_settings
 
-            settings = _distinct_settings(load_labels(labels), np.ones(1, bool))
+            settings = labelled_settings(load_labels(labels))
             body.append(_beam_hits(model, test, holdout_source, settings))
             gap = results["held-out catalog"]["lightgbm"].gap_closed
             body.append(f"\nHeld-out catalog gap closed by the predictor: **{gap:.1%}** (target ≥ 50%).\n")

@@ -8,6 +8,7 @@ bandit's state), falling back to the predictor shipped in `models/default/`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +53,7 @@ def train_selectors(
             **{k: v.to_dict() for k, v in reports.items()},
         }
     predictor = LightGBMSelector(seed=seed).fit(data.X, data.y, data.feature_names)
-    pair = data.kinds == "pair"
-    settings = _distinct_settings(labels[labels[f"{target}_score"].notna()], pair)
+    settings = labelled_settings(labels[labels[f"{target}_score"].notna()])
     meta = {
         "feature_schema_version": schema_version,
         "input_feature_names": data.feature_names,
@@ -75,10 +75,14 @@ def train_selectors(
     return predictor.meta
 
 
-def _distinct_settings(labels, pair_mask: np.ndarray) -> list[OperatorSetting]:
-    """The pair operator settings the labels cover, in first-seen order (what recommend searches)."""
+def labelled_settings(labels) -> list[OperatorSetting]:
+    """The 2-way operator settings the labels cover, in first-seen order (what recommend searches)."""
     out: dict[str, OperatorSetting] = {}
-    for method, params in zip(labels["method"], labels.get("params_json", [None] * len(labels)), strict=True):
+    kinds = labels["kind"] if "kind" in labels.columns else ["pair"] * len(labels)
+    params_column = labels["params_json"] if "params_json" in labels.columns else [None] * len(labels)
+    for kind, method, params in zip(kinds, labels["method"], params_column, strict=True):
+        if kind not in (None, "pair"):
+            continue
         parsed = json.loads(params) if isinstance(params, str) and params else {}
         setting = OperatorSetting(str(method), parsed)
         out.setdefault(setting.key, setting)
@@ -205,6 +209,7 @@ def score_catalog(
     source = home_source(home, pair_features)
     check_source(meta, source)
     names = list(models) if models else catalog_experts(home)
+    selector.params["num_threads"] = os.cpu_count() or 1  # predictions do not depend on the thread count
     table = score_pairs(names, selector, source, settings_of(meta), progress)
     if out is None and out_dir is not None:
         out = Path(out_dir) / "scores.parquet"

@@ -219,3 +219,21 @@ def _experts(row: Mapping[str, Any]) -> list[str]:
             f"labelled plan {row.get('plan_id', '?')} merges fewer than two checkpoints: {models}"
         )
     return models
+
+
+def model_tasks_from_labels(labels: pd.DataFrame) -> dict[str, list[str]]:
+    """Each checkpoint's tasks, inferred from `held_in_tasks`: the tasks common to every plan it is in.
+
+    With two or more partners per expert this recovers exactly what it was trained on, so
+    leave-one-task-out works from a labels file alone.
+    """
+    if "held_in_tasks" not in labels.columns:
+        return {}
+    common: dict[str, set[str]] = {}
+    for members, tasks in zip(labels["models"], labels["held_in_tasks"], strict=True):
+        if tasks is None:
+            continue
+        for model in _as_list(members):
+            found = set(_as_list(tasks))
+            common[model] = common[model] & found if model in common else found
+    return {m: sorted(t) for m, t in common.items() if t}

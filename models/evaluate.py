@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from models.baselines import BestFixedSelector, LassoSelector, RandomSelector
-from models.dataset import Dataset, PairFeatureSource, build_dataset, load_labels
+from models.dataset import Dataset, PairFeatureSource, build_dataset, load_labels, model_tasks_from_labels
 from models.metrics import SelectionReport, evaluate_selection
 from models.predictor import LightGBMSelector
 from simmerge.errors import SimMergeError
@@ -168,9 +168,10 @@ def evaluate_all(
     """Every protocol the inputs allow: held-out pairs always, held-out tasks with a zoo, catalog with holdout labels."""
     from models.sources import zoo_model_tasks
 
-    data = build_dataset(load_labels(labels), source, target)
+    frame = load_labels(labels)
+    data = build_dataset(frame, source, target)
     results = {"held-out pairs": held_out_pairs(data, folds, seed, names).reports()}
-    tasks = model_tasks or (zoo_model_tasks(zoo) if zoo is not None else None)
+    tasks = model_tasks or (zoo_model_tasks(zoo) if zoo is not None else model_tasks_from_labels(frame))
     if tasks:
         results["leave-one-task-out"] = leave_one_task_out(data, tasks, seed, names).reports()
     if holdout_labels is not None:

@@ -127,7 +127,7 @@ def make_labels(
                 continue
             score = setting_score(s, cosine, gap) - 0.02 + rng.normal(scale=noise)
             plan = Plan.single(s.method, members, base="base", parameters=dict(s.params))
-            rows.append(_row(plan, s, "kway", members, score))
+            rows.append(_row(plan, s, "kway", members, score, catalog))
         for order in ([0, 1, 2], [2, 1, 0]):
             ordered = [members[i] for i in order]
             steps = [settings[int(i)] for i in rng.choice(len(settings), size=2)]
@@ -137,12 +137,20 @@ def make_labels(
                 - 0.04
                 + rng.normal(scale=noise)
             )
-            rows.append(_row(plan, steps[-1], "fold", ordered, score))
+            rows.append(_row(plan, steps[-1], "fold", ordered, score, catalog))
     return pd.DataFrame(rows)
 
 
-def _row(plan: Plan, setting: OperatorSetting, kind: str, models: list[str], score: float) -> dict:
+def _row(
+    plan: Plan,
+    setting: OperatorSetting,
+    kind: str,
+    models: list[str],
+    score: float,
+    catalog: SyntheticCatalog,
+) -> dict:
     return {
+        "held_in_tasks": sorted({t for m in models for t in catalog.tasks[m]}),
         "plan_id": plan.plan_id(),
         "plan_json": json.dumps(plan.to_dict()),
         "kind": kind,

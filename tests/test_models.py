@@ -82,6 +82,12 @@ def test_dataset_rows_pools_and_kinds(catalog, data):
     assert data.X[kway_row, low] < data.X[kway_row, high]
 
 
+def test_tasks_per_checkpoint_are_recovered_from_labels(catalog):
+    from models.dataset import model_tasks_from_labels
+
+    assert model_tasks_from_labels(make_labels(catalog, seed=0)) == catalog.tasks
+
+
 def test_load_labels_names_missing_column(tmp_path):
     path = tmp_path / "labels.csv"
     pd.DataFrame({"method": ["linear"], "models": ['["a", "b"]']}).to_csv(path, index=False)
