@@ -50,7 +50,7 @@ class ServiceSettings(BaseSettings):
     max_job_attempts: int = 3
     max_concurrent_jobs: int = 1
     job_poll_interval_s: float = 0.2
-    merge_device: str = "cpu"
+    merge_device: str = "auto"  # "auto": cuda when available, else cpu
     ray_address: str | None = None
     ray_num_gpus: float = 1.0
     ray_num_cpus: float = 1.0
@@ -103,6 +103,14 @@ class ServiceSettings(BaseSettings):
         data = self.model_dump(mode="json", exclude={"tokens"})
         data["home"] = str(self.home_dir)
         return json.dumps(data)
+
+    @property
+    def resolved_merge_device(self) -> str:
+        if self.merge_device != "auto":
+            return self.merge_device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def to_worker_env(self) -> dict[str, str]:
         return {WORKER_SETTINGS_ENV: self.worker_json()}

@@ -81,7 +81,7 @@ def run_merge_job(ctx: JobContext) -> dict[str, Any]:
         plan,
         staging,
         resolve=catalog.resolve,
-        device=ctx.settings.merge_device,
+        device=ctx.settings.resolved_merge_device,
         dtype=ctx.request.get("dtype"),
         seed=int(ctx.request.get("seed", 0)),
         progress=False,

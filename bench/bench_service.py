@@ -1,0 +1,198 @@
+"""Recommendation latency and throughput of the REST service under concurrent clients.
+
+A catalog of 100 checkpoints (tiny copies: the recommendation path never loads one) with synthetic
+pair features, a predictor trained on a separate synthetic catalog, `simmerge serve` on loopback,
+and a bounded load generator: each level sends a fixed number of requests (or stops at a time cap)
+from 1, 10 and 50 concurrent clients. Writes the `service` section of BENCHMARKS.md.
+
+    .venv/bin/python -m bench.bench_service [--requests 400] [--levels 1,10,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import combinations
+from pathlib import Path
+
+import httpx
+import pandas as pd
+
+HOST = "127.0.0.1"  # loopback only: this load never leaves the machine
+TOKEN = "bench-token"
+GOAL_P99_MS = 50.0
+
+
+def build_home(root: Path, n_checkpoints: int = 100) -> tuple[Path, Path, list[str]]:
+    """Trained predictor + pair-feature table + registered catalog; returns (home, features, names)."""
+    from models.api import train_selectors
+    from models.sources import TablePairSource
+    from models.synthetic import make_catalog, make_labels
+    from simmerge.catalog import Catalog
+    from tests.factories import write_tiny_llama
+
+    train_catalog = make_catalog(n_tasks=4, per_task=3, seed=0)
+    labels = root / "labels.parquet"
+    make_labels(train_catalog, seed=0).to_parquet(labels)
+    served = make_catalog(n_tasks=n_checkpoints // 5, per_task=5, seed=1)
+    pair_table = root / "pairs.parquet"
+    for catalog, path in ((train_catalog, root / "train-pairs.parquet"), (served, pair_table)):
+        pairs = list(combinations(catalog.names, 2))
+        table = pd.DataFrame(catalog.pair_features(pairs), columns=catalog.feature_names)
+        table.insert(0, "model_b", [b for _, b in pairs])
+        table.insert(0, "model_a", [a for a, _ in pairs])
+        table.to_parquet(path)
+    home = root / "home"
+    train_selectors(
+        labels, TablePairSource.read(root / "train-pairs.parquet"), home / "predictor", validate=False
+    )
+    checkpoints = root / "checkpoints"
+    template = write_tiny_llama(checkpoints / "base", seed=0, hidden=16, layers=1, vocab=32)
+    with Catalog.open(home) as catalog:
+        catalog.add(template, "base")
+        for name in served.names:
+            shutil.copytree(template, checkpoints / name)
+            catalog.add(checkpoints / name, name, base="base")
+    return home, pair_table, served.names
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def start_server(home: Path, pair_table: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "SIMMERGE_HOME": str(home),
+        "SIMMERGE_PAIR_FEATURES": str(pair_table),
+        "SIMMERGE_TOKENS": f'{{"bench": {{"token": "{TOKEN}", "scopes": ["read"]}}}}',
+        "SIMMERGE_START_JOBS": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "simmerge",
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://{HOST}:{port}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    server.kill()
+    raise RuntimeError("the service did not become ready within 120 s")
+
+
+async def run_level(
+    url: str, names: list[str], clients: int, requests: int, cap_s: float
+) -> dict[str, float]:
+    """`clients` concurrent loops share `requests` requests; latencies in ms of successful ones."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = requests
+    rng = random.Random(clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        deadline = time.monotonic() + cap_s
+
+        async def one_client() -> None:
+            nonlocal remaining, errors
+            while remaining > 0 and time.monotonic() < deadline:
+                remaining -= 1
+                body = {"models": rng.sample(names, rng.choice((2, 3))), "top": 3}
+                started = time.perf_counter()
+                response = await client.post("/v1/recommendations", json=body)
+                elapsed = (time.perf_counter() - started) * 1000
+                if response.status_code == 200:
+                    latencies.append(elapsed)
+                else:
+                    errors += 1
+
+        await one_client()  # warm-up request path (imports, caches) is not timed below
+        latencies.clear()
+        remaining = requests
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        wall = time.perf_counter() - started
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
+    return {
+        "clients": clients,
+        "requests": len(ordered),
+        "errors": errors,
+        "p50": statistics.median(ordered) if ordered else float("nan"),
+        "p99": pick(0.99),
+        "throughput": len(ordered) / wall if wall else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--levels", default="1,10,50")
+    parser.add_argument("--cap-s", type=float, default=60.0, help="time cap per level")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="simmerge-bench-service-") as tmp:
+        home, pair_table, names = build_home(Path(tmp))
+        port = free_port()
+        server = start_server(home, pair_table, port)
+        try:
+            results = [
+                asyncio.run(run_level(f"http://{HOST}:{port}", names, n, args.requests, args.cap_s))
+                for n in levels
+            ]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    rows = [
+        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['throughput']:.1f} |"
+        for r in results
+    ]
+    at_max = results[-1]
+    verdict = "met" if at_max["p99"] < GOAL_P99_MS else "NOT met"
+    body = "\n".join(
+        [
+            f"POST /v1/recommendations (2–3 random models of {len(names)}, top 3) against `simmerge serve` "
+            "(one uvicorn process) on 127.0.0.1; predictor trained on a separate synthetic catalog; pair "
+            "features from a table (no checkpoint is loaded on this path).",
+            "",
+            "| concurrent clients | requests | errors | p50 ms | p99 ms | requests/s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"Goal p99 < {GOAL_P99_MS:.0f} ms at {at_max['clients']} clients: **{verdict}** "
+            f"(p99 {at_max['p99']:.1f} ms). The load generator shares the machine's cores with the server.",
+        ]
+    )
+    print(body)
+    if not args.no_write:
+        from bench.report import write_section
+
+        command = "make bench-service  (.venv/bin/python -m bench.bench_service)"
+        write_section("service", "Service: recommendation latency", command, body)
+
+
+if __name__ == "__main__":
+    main()
