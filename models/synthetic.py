@@ -116,6 +116,7 @@ def make_labels(
                     "pair",
                     [a, b],
                     score,
+                    catalog,
                 )
             )
     for _ in range(triples):

@@ -89,7 +89,7 @@ def test_evaluate_selector_reports_every_protocol(trained):
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     reports = json.loads(result.output)
-    assert set(reports) == {"held-out pairs", "held-out catalog"}
+    assert set(reports) == {"held-out pairs", "leave-one-task-out", "held-out catalog"}  # tasks from labels
     assert set(reports["held-out catalog"]) == {"lightgbm", "lasso", "best_fixed", "random", "oracle"}
     catalog_reports = reports["held-out catalog"]
     assert catalog_reports["oracle"]["mean_regret"] == 0
