@@ -6,6 +6,7 @@ the real packages are imported lazily, on first use, never at start-up.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,13 +57,17 @@ class ModelsSelector:
     """The real selector: `models.api` over the home's predictor, bandit and cached signatures.
 
     `models` is imported on first use (it pulls in LightGBM and pandas), never at start-up. The
-    catalog is the service's (it may live in PostgreSQL), so the common base is looked up here.
+    predictor and the pair-feature source are kept between requests (reloaded when their files
+    change): parsing the boosters and the table costs ~100 ms, several times the prediction itself.
+    The catalog is the service's (it may live in PostgreSQL), so the common base is looked up here.
     """
 
     def __init__(self, home: Path, catalog: Catalog, pair_features: Path | None = None) -> None:
         self.home = home
         self.catalog = catalog
         self.pair_features = pair_features
+        self._lock = threading.Lock()
+        self._cached: tuple[tuple[Any, ...], Any, dict[str, Any], Any] | None = None
 
     @staticmethod
     def _api() -> Any:
@@ -76,22 +81,45 @@ class ModelsSelector:
         bases = {self.catalog.get(m).base for m in models}
         return bases.pop() if len(bases) == 1 else None
 
+    def _loaded(self, api: Any) -> tuple[Any, dict[str, Any], Any]:
+        """(predictor, its metadata, pair-feature source), reloaded when the files change."""
+        directory = api.predictor_dir(self.home)
+        watched = (directory / "meta.json", self.pair_features or directory / "meta.json")
+        stamp = (str(directory), *(p.stat().st_mtime_ns if p.exists() else None for p in watched))
+        if self._cached is None or self._cached[0] != stamp:
+            predictor, meta = api.load_predictor(directory)
+            source = api.home_source(self.home, self.pair_features)
+            api.check_source(meta, source)
+            self._cached = (stamp, predictor, meta, source)
+        return self._cached[1], self._cached[2], self._cached[3]
+
     def recommend(self, models: Sequence[str], *, top: int, task: str | None) -> list[dict[str, Any]]:
-        result = self._api().recommend(
-            list(models),
-            top=top,
-            home=self.home,
-            task=task,
-            base=self._base(models),
-            pair_features=self.pair_features,
-        )
+        """What `models.api.recommend` does, with the predictor and source kept warm."""
+        api = self._api()
+        from models.recommend import recommend_plans
+
+        base = self._base(models)
+        with self._lock:  # one prediction at a time: LightGBM parallelises inside a call
+            predictor, meta, source = self._loaded(api)
+            result = recommend_plans(
+                list(models),
+                predictor,
+                source,
+                meta.get("input_feature_names") or predictor.feature_names,
+                top=top,
+                base=base,
+                settings=api.settings_of(meta),
+            )
+            api._apply_bandit(self.home, result, source, task)
         return list(result["plans"])
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
-        self._api().bandit_update(plan, task, score, home=self.home, pair_features=self.pair_features)
+        with self._lock:
+            self._api().bandit_update(plan, task, score, home=self.home, pair_features=self.pair_features)
 
     def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
-        self._api().bandit_add_arm(family, parameters, home=self.home, pair_features=self.pair_features)
+        with self._lock:
+            self._api().bandit_add_arm(family, parameters, home=self.home, pair_features=self.pair_features)
 
 
 class ModelsRunners:
