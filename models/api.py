@@ -333,3 +333,6 @@ def _apply_bandit(home: Path, result: dict[str, Any], source: PairFeatureSource,
                 plan["bandit_score"], plan["bandit_width"] = mean, width
     if task is not None:
         result["task"] = task
+
+
+apply_bandit = _apply_bandit  # public name for callers that keep the predictor warm (the service)

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from models.synthetic import make_catalog, make_labels
 from simmerge.cli import cli
+from simmerge.errors import SimMergeError
 from simmerge.plan import Plan
 
 
@@ -189,3 +190,28 @@ def test_bad_input_exits_2_naming_the_value(trained):
         text=True,
     )
     assert run.returncode == 2 and "nope.parquet" in run.stderr
+
+
+def test_feedback_teaches_the_home_bandit_and_shows_in_recommendations(trained, tmp_path):
+    import shutil
+
+    from models import api
+
+    _, home, catalog, _, features, _ = trained
+    home = shutil.copytree(home, tmp_path / "home")
+    a, b = catalog.names[:2]
+    plans = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
+    assert all("bandit_score" not in p for p in plans)  # no feedback yet
+    key = api.bandit_add_arm("della", {"density": 0.5}, home=home, pair_features=features)
+    assert key.startswith("della")
+    api.bandit_update(plans[0], "task0", 0.97, home=home, pair_features=features)
+    api.bandit_update(plans[0], "task0", 0.98, home=home, pair_features=features)
+    log = (home / "bandit" / "feedback.jsonl").read_text().splitlines()
+    assert len(log) == 2 and json.loads(log[0])["task"] == "task0"
+    again = api.recommend([a, b], top=3, home=home, base="base", pair_features=features, task="task0")
+    taught = next(p for p in again["plans"] if p["description"] == plans[0]["description"])
+    assert "bandit_score" in taught and taught["bandit_width"] >= 0
+    with pytest.raises(SimMergeError, match="at least two"):
+        api.bandit_update(
+            {"plan": Plan.single("linear", [a]).to_dict()}, "t", 1.0, home=home, pair_features=features
+        )
