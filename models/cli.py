@@ -55,8 +55,9 @@ def train(
 ) -> None:
     """Train the predictor (LightGBM + quantiles) and its baselines on labelled merges."""
     from models.api import PREDICTOR_DIR, train_selectors
+    from models.sources import labels_zoo
 
-    source = _source(ctx, pair_features, zoo)
+    source = _source(ctx, pair_features, zoo or (labels_zoo(labels) if pair_features is None else None))
     out = out or ctx.home / PREDICTOR_DIR
     meta = train_selectors(
         labels, source, out, target=target, seed=seed, schema_version=_schema_version(source)
@@ -104,7 +105,10 @@ def evaluate_selector(
 ) -> None:
     """Predictor vs best fixed, Lasso, random and oracle on held-out pairs, tasks and catalog."""
     from models.evaluate import evaluate_all, markdown_table
+    from models.sources import labels_zoo
 
+    zoo = zoo or labels_zoo(labels)
+    holdout_zoo = holdout_zoo or (labels_zoo(holdout_labels) if holdout_labels else None)
     results = evaluate_all(
         labels,
         _source(ctx, pair_features, zoo),

@@ -109,3 +109,17 @@ def zoo_model_tasks(zoo_dir: Path) -> dict[str, list[str]]:
 
 def zoo_paths(zoo_dir: Path) -> dict[str, Path]:
     return {c["name"]: Path(zoo_dir) / c["path"] for c in zoo_manifest(zoo_dir).get("checkpoints", [])}
+
+
+def labels_zoo(labels: Path) -> Path | None:
+    """The zoo a labels file was made on (`simmerge label` records it in the Parquet metadata)."""
+    if Path(labels).suffix != ".parquet" or not Path(labels).exists():
+        return None
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(labels).metadata or {}
+    raw = metadata.get(b"simmerge.labels")
+    if not raw:
+        return None
+    zoo = json.loads(raw).get("zoo")
+    return Path(zoo) if zoo and (Path(zoo) / "catalog.json").exists() else None
