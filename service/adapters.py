@@ -110,7 +110,7 @@ class ModelsSelector:
                 base=base,
                 settings=api.settings_of(meta),
             )
-            api._apply_bandit(self.home, result, source, task)
+            api.apply_bandit(self.home, result, source, task)
         return list(result["plans"])
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
