@@ -76,6 +76,7 @@ def label(
     """Merge every plan of the grid in memory, score it on every zoo task, and append it to OUT."""
     from simmerge.labels import label_zoo
 
+    _exit_cleanly_on_sigterm()
     summary = label_zoo(
         zoo_dir,
         out,
@@ -92,3 +93,13 @@ def label(
         f"{summary.checkpoints_scored} checkpoint(s) scored, {summary.planned} in the grid → {summary.out} "
         f"({summary.wall_seconds:.1f} s)"
     )
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """`kill PID` raises SystemExit instead of ending the process, so the rows finished so far are flushed."""
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
