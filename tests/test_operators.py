@@ -393,3 +393,19 @@ def test_slice_by_slice_work_gives_the_whole_tensor_result(monkeypatch, method, 
     monkeypatch.setattr(operators.base, "CHUNK", 10)  # 117 entries → 12 slices, the last partial
     sliced = run(method, experts, base, method_params, model_params, seed=3)
     torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6 if method == "slerp" else 0)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "task_arithmetic"])
+def test_mismatched_shapes_name_the_tensor(method):
+    from simmerge.errors import IncompatibleCheckpointsError
+
+    operator = get_operator(method)
+    method_params = {"t": 0.5} if method == "slerp" else {}
+    model_params = [{}] if method == "slerp" else [{"weight": 1.0}]
+    has_base = operator.needs_base
+    params, filled = operator.validate(method_params, model_params, 1, has_base)
+    tensors, base = [torch.zeros(3, 4)], torch.zeros(4, 3) if has_base else None
+    if not has_base:  # linear: two models of different shapes
+        tensors, filled = [torch.zeros(3, 4), torch.zeros(4, 3)], filled * 2
+    with pytest.raises(IncompatibleCheckpointsError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight'"):
+        operator.merge(tensors, base, filled, params, tensor_name="model.layers.0.mlp.up_proj.weight")

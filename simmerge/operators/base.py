@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from simmerge.errors import PlanError
+from simmerge.errors import IncompatibleCheckpointsError, PlanError
 
 
 class _Required:
@@ -244,6 +244,15 @@ CHUNK = 1 << 18
 def chunks(numel: int) -> list[slice]:
     """Consecutive slices of at most CHUNK entries covering ``range(numel)``."""
     return [slice(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK)]
+
+
+def check_shapes(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, tensor_name: str) -> None:
+    """Inputs of one merge must share a shape; the error names the tensor (the engine checks earlier)."""
+    shapes = [tuple(t.shape) for t in ([base] if base is not None else []) + list(tensors)]
+    if len(set(shapes)) > 1:
+        raise IncompatibleCheckpointsError(
+            f"tensor {tensor_name!r} has different shapes across inputs: {shapes}"
+        )
 
 
 def as_float32(tensor: torch.Tensor) -> torch.Tensor:

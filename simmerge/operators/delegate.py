@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from simmerge.errors import PlanError
-from simmerge.operators.base import REQUIRED, MergeOperator, Param, as_float32
+from simmerge.operators.base import REQUIRED, MergeOperator, Param, as_float32, check_shapes
 
 # mergekit methods that draw random numbers (their results depend on the forked RNG).
 RANDOM_METHODS = frozenset({"della", "della_linear"})
@@ -97,6 +97,7 @@ class MergekitDelegate(MergeOperator):
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
         from mergekit.merge_methods.api import merge_tensors
 
+        check_shapes(tensors, base, tensor_name)
         inputs = [as_float32(t) for t in tensors]
         base_index = None
         if base is not None:  # mergekit appends a base that is not listed among the models

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from simmerge.errors import PlanError
-from simmerge.operators.base import MergeOperator, Param, as_float32
+from simmerge.operators.base import MergeOperator, Param, as_float32, check_shapes
 
 WEIGHT = Param("weight", float, doc="coefficient of this model; required, as in mergekit")
 
@@ -29,6 +29,7 @@ class Linear(MergeOperator):
             raise PlanError(f"linear with normalize: parameter 'weight' values {weights} sum to 0")
 
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
+        check_shapes(tensors, base, tensor_name)
         result = torch.zeros_like(as_float32(tensors[0]))
         for tensor, mp in zip(tensors, model_params, strict=True):
             result.add_(as_float32(tensor), alpha=mp["weight"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from simmerge.operators.base import MergeOperator, Param, as_float32, chunks
+from simmerge.operators.base import MergeOperator, Param, as_float32, check_shapes, chunks
 
 # mergekit's choices: directions closer than this are treated as colinear (or antipodal) and
 # interpolated linearly; norms at or below NORM_EPS are taken as 1 (a zero tensor has no direction).
@@ -58,5 +58,6 @@ class Slerp(MergeOperator):
     max_models = 1
 
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
+        check_shapes(tensors, base, tensor_name)
         assert base is not None
         return slerp(params["t"], base, tensors[0])

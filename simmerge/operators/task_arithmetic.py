@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from simmerge.operators.base import MergeOperator, Param, as_float32, chunks
+from simmerge.operators.base import MergeOperator, Param, as_float32, check_shapes, chunks
 
 # Below this |Σ w_i| the non-consensus divisor is taken as 1 (mergekit's rule), so normalising
 # weights that cancel leaves the weighted sum undivided instead of exploding.
@@ -68,6 +68,7 @@ class TaskVectorMerge(MergeOperator):
         return delta
 
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
+        check_shapes(tensors, base, tensor_name)
         assert base is not None
         base_flat = as_float32(base).reshape(-1)
         flats = [as_float32(t).reshape(-1) for t in tensors]
