@@ -106,23 +106,25 @@ class MergekitDelegate(MergeOperator):
         parameters: dict[str, Any] = dict(params)
         for param in self.model_params:
             parameters[param.name] = {i: mp[param.name] for i, mp in enumerate(model_params)}
+        if not self.random:
+            return as_float32(self._call(merge_tensors, inputs, parameters, base_index, tensor_name))
         device = inputs[0].device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(_seed_from(generator, device))
-            try:
-                result = merge_tensors(
-                    inputs,
-                    self._method,
-                    parameters=parameters,
-                    base_index=base_index,
-                    name=tensor_name or None,
-                )
-            except (ValueError, TypeError, RuntimeError) as exc:
-                raise PlanError(f"{self.name} failed on tensor {tensor_name!r}: {exc}") from exc
+            torch.manual_seed(_seed_from(generator))
+            result = self._call(merge_tensors, inputs, parameters, base_index, tensor_name)
         return as_float32(result)
 
+    def _call(self, merge_tensors, inputs, parameters, base_index, tensor_name) -> torch.Tensor:
+        """mergekit's merge of one tensor; its complaints about the inputs come back as PlanError."""
+        try:
+            return merge_tensors(
+                inputs, self._method, parameters=parameters, base_index=base_index, name=tensor_name or None
+            )
+        except (ValueError, TypeError) as exc:
+            raise PlanError(f"{self.name} failed on tensor {tensor_name!r}: {exc}") from exc
 
-def _seed_from(generator: torch.Generator | None, device: torch.device) -> int:
+
+def _seed_from(generator: torch.Generator | None) -> int:
     """A seed drawn from the engine's generator (or the global one), for mergekit's global-RNG draws."""
     draw_device = generator.device if generator is not None else torch.device("cpu")
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=draw_device).item())

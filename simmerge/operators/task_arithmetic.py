@@ -45,8 +45,8 @@ class TaskVectorMerge(MergeOperator):
 
     Sparsifiers act on the flattened task vector (top-k, sorting and the random draw are all in
     flat order). Everything after sparsification is per coordinate, so it runs in slices of
-    ``base.CHUNK`` entries: scratch memory stays a few MiB, and only families that really sparsify hold
-    whole task vectors.
+    ``base.CHUNK`` entries: scratch memory stays a few MiB, and only families that really sparsify
+    hold whole task vectors.
     """
 
     consensus = False
