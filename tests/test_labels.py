@@ -283,3 +283,12 @@ def test_labels_of_another_zoo_are_not_mixed(labelled, ci_zoo, tmp_path):
     zoo = copy_zoo(ci_zoo, tmp_path / "zoo")
     with pytest.raises(ConflictError, match="another zoo"):
         label_zoo(zoo, out, grid="small", limit=1, progress=False)
+
+
+def test_two_runs_never_write_one_labels_file(ci_zoo, tmp_path):
+    from simmerge.labels.store import exclusive_writer
+
+    out = tmp_path / "l.parquet"
+    with exclusive_writer(out), pytest.raises(ConflictError, match="another `simmerge label` run"):
+        label_zoo(ci_zoo, out, grid="small", limit=1, progress=False)
+    assert not out.exists()

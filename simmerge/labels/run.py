@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -18,7 +18,7 @@ from simmerge.errors import SimMergeError
 from simmerge.labels import scoring
 from simmerge.labels.grid import LabelPlan, enumerate_plans
 from simmerge.labels.normalise import held_in_score, held_in_tasks, held_out_score
-from simmerge.labels.store import LabelStore
+from simmerge.labels.store import LabelStore, exclusive_writer
 from simmerge.labels.zoo import Zoo, check_architectures, read_zoo
 
 CHUNK_ROWS = 32
@@ -67,10 +67,17 @@ def label_plans(
     """Merge and score every plan not yet in `out`; rows are flushed in chunks, so a kill keeps them."""
     if workers < 1:
         raise SimMergeError(f"workers must be at least 1, got {workers}")
+    with exclusive_writer(Path(out)):
+        return _label_plans(zoo, plans, Path(out), workers, seed, progress)
+
+
+def _label_plans(
+    zoo: Zoo, plans: Sequence[LabelPlan], out: Path, workers: int, seed: int, progress: bool
+) -> LabelSummary:
     started = time.perf_counter()
     store = LabelStore(out, zoo.catalog_sha256, str(zoo.root))
     todo = [p for p in plans if p.plan_id not in store.done]
-    summary = LabelSummary(Path(out), len(plans), len(plans) - len(todo), 0, 0, 0.0)
+    summary = LabelSummary(out, len(plans), len(plans) - len(todo), 0, 0, 0.0)
     if not todo:
         summary.wall_seconds = time.perf_counter() - started
         return summary
@@ -154,7 +161,7 @@ class _Executor:
                 yield item, json.dumps({"name": item, "hash": scorer.content_hash(item), "scores": scores})
             else:
                 result = scorer.score_plan(json.loads(item))
-                yield item, json.dumps(result.__dict__)
+                yield item, json.dumps(asdict(result))
 
     def _pooled(self, function: str, items: Sequence[str]) -> Iterator[tuple[str, str]]:
         assert self.pool is not None

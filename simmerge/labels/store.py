@@ -9,10 +9,12 @@ key-value metadata under `simmerge.labels`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +131,18 @@ class LabelStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def rows(self) -> Iterable[dict[str, Any]]:
-        for table in self._tables:
-            yield from table.to_pylist()
-        yield from self._pending
+
+@contextlib.contextmanager
+def exclusive_writer(path: Path) -> Iterator[None]:
+    """Hold `path.lock` while labelling, so two runs never rewrite one labels file over each other."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"{path}: another `simmerge label` run is writing it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
