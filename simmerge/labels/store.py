@@ -126,10 +126,17 @@ class LabelStore:
         os.close(handle)
         try:
             pq.write_table(table, tmp, compression="zstd")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a labels file is not
             os.replace(tmp, self.path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
