@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: venv
-	$(BIN)/python -m simmerge.demo --home $(DEMO_HOME) --zoo $(DEMO_ZOO)
+	$(BIN)/python -m service.demo --home $(DEMO_HOME) --zoo $(DEMO_ZOO)
 
 test: venv
 	$(BIN)/pytest -q
