@@ -19,7 +19,13 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from models.descriptors import descriptor_names, fold_weights, operator_descriptor, plan_descriptor
+from models.descriptors import (
+    descriptor_names,
+    fold_weights,
+    operator_descriptor,
+    oriented_params,
+    plan_descriptor,
+)
 from simmerge.errors import NotFoundError, SimMergeError
 from simmerge.plan import Plan
 
@@ -154,7 +160,8 @@ def row_descriptor(row: Mapping[str, Any], n_models: int) -> np.ndarray:
     plan = _row_plan(row)
     if plan is not None:
         return plan_descriptor(plan, kind=kind)
-    return operator_descriptor(str(row["method"]), _row_params(row), kind=kind, n_models=n_models)
+    params = oriented_params(str(row["method"]), _row_params(row), _as_list(row["models"]))
+    return operator_descriptor(str(row["method"]), params, kind=kind, n_models=n_models)
 
 
 def setting_key(row: Mapping[str, Any]) -> str:

@@ -185,9 +185,26 @@ def operator_descriptor(
     return _assemble([_step_vector(method, params or {}, model_params)], kind, n_models)
 
 
+def oriented_params(method: str, params: Mapping[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """A 2-way slerp from B towards A at t is the one from A towards B at 1 − t: describe both alike.
+
+    Pair features are symmetric, so without this the two spellings of one merge would look like two
+    different plans with the same features. The orientation is fixed by name order.
+    """
+    params = dict(params)
+    if method == "slerp" and len(models) == 2 and models[0] > models[1]:
+        params["t"] = round(1.0 - _numeric(params.get("t", PARAM_DEFAULTS["t"]), "t"), 9)
+    return params
+
+
 def plan_descriptor(plan: Plan, kind: str | None = None) -> np.ndarray:
     """Descriptor of any plan: step vectors averaged over the steps, with kind, model and step counts."""
-    steps = [_step_vector(s.method, s.parameters, [m.parameters for m in s.models]) for s in plan.steps]
+    if len(plan.steps) == 1:
+        step = plan.steps[0]
+        params = oriented_params(step.method, step.parameters, [m.model for m in step.models])
+        steps = [_step_vector(step.method, params, [m.parameters for m in step.models])]
+    else:
+        steps = [_step_vector(s.method, s.parameters, [m.parameters for m in s.models]) for s in plan.steps]
     n_models = len(plan.experts())
     if kind is None:
         kind = "fold" if len(plan.steps) > 1 else ("pair" if n_models == 2 else "kway")
@@ -216,9 +233,18 @@ def _assemble(steps: list[np.ndarray], kind: str, n_models: int) -> np.ndarray:
     return np.concatenate([body, kind_onehot, [float(n_models), float(len(steps))]])
 
 
-def fold_descriptor(settings: Sequence[OperatorSetting], n_models: int) -> np.ndarray:
+def fold_descriptor(
+    settings: Sequence[OperatorSetting], n_models: int, models: Sequence[str] = ()
+) -> np.ndarray:
     """Descriptor of `((m0 ⊕s0 m1) ⊕s1 m2) …` without building the plan (used by plan search)."""
-    steps = [_step_vector(s.method, s.params, ()) for s in settings]
+    if len(settings) == 1:
+        steps = [
+            _step_vector(
+                settings[0].method, oriented_params(settings[0].method, settings[0].params, models), ()
+            )
+        ]
+    else:
+        steps = [_step_vector(s.method, s.params, ()) for s in settings]
     return _assemble(steps, "fold" if len(settings) > 1 else ("pair" if n_models == 2 else "kway"), n_models)
 
 

@@ -94,7 +94,7 @@ class CandidateFeaturizer:
     def _row(self, candidate: Candidate) -> np.ndarray:
         pairs = member_pairs(candidate.models)
         pair_rows = np.stack([self._cache[p] for p in pairs])
-        descriptor = fold_descriptor(candidate.settings, len(candidate.models))
+        descriptor = fold_descriptor(candidate.settings, len(candidate.models), candidate.models)
         return np.concatenate(
             [descriptor, aggregate_pair_rows(pair_rows, pair_weights(candidate.models, candidate.kind))]
         )

@@ -304,3 +304,13 @@ def test_recommended_plans_run_through_the_merge_engine(tmp_path, predictor, dat
     for plan in chosen.values():
         merged = merge_state_dict(Plan.from_yaml(plan["mergekit_yaml"]))
         assert merged and all(torch.isfinite(t).all() for t in merged.values())
+
+
+def test_slerp_spelled_from_either_end_has_one_description():
+    from models.dataset import row_descriptor
+
+    forward = {"method": "slerp", "params_json": '{"t": 0.3}', "models": ["a", "b"], "kind": "pair"}
+    backward = {"method": "slerp", "params_json": '{"t": 0.7}', "models": ["b", "a"], "kind": "pair"}
+    other = {"method": "slerp", "params_json": '{"t": 0.3}', "models": ["b", "a"], "kind": "pair"}
+    assert np.array_equal(row_descriptor(forward, 2), row_descriptor(backward, 2))
+    assert not np.array_equal(row_descriptor(forward, 2), row_descriptor(other, 2))
