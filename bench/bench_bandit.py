@@ -77,17 +77,17 @@ class Projection:
     """Standardise contexts on the training pools and keep at most MAX_CONTEXT principal components."""
 
     def __init__(self, contexts: np.ndarray) -> None:
-        self.center = contexts.mean(axis=0)
-        std = contexts.std(axis=0)
+        self.center = np.nan_to_num(np.nanmean(contexts, axis=0))
+        std = np.nan_to_num(np.nanstd(contexts, axis=0))
         self.scale = np.where(std > 1e-12, std, 1.0)
-        z = (contexts - self.center) / self.scale
+        z = np.nan_to_num((contexts - self.center) / self.scale)
         _, _, vt = np.linalg.svd(z, full_matrices=False)
         self.basis = vt[: min(MAX_CONTEXT, vt.shape[0])].T
         projected = z @ self.basis
         self.out_scale = np.where(projected.std(axis=0) > 1e-12, projected.std(axis=0), 1.0)
 
     def __call__(self, context: np.ndarray) -> np.ndarray:
-        return ((context - self.center) / self.scale) @ self.basis / self.out_scale
+        return np.nan_to_num((context - self.center) / self.scale) @ self.basis / self.out_scale
 
     @property
     def dim(self) -> int:

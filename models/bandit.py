@@ -74,8 +74,8 @@ class LinearBandit:
     def set_context_scaler(self, contexts: np.ndarray) -> None:
         """Standardise contexts with these statistics from now on (typically the training catalog's)."""
         contexts = np.asarray(contexts, dtype=np.float64)
-        self.context_center = contexts.mean(axis=0)
-        std = contexts.std(axis=0)
+        self.context_center = np.nan_to_num(np.nanmean(contexts, axis=0))
+        std = np.nan_to_num(np.nanstd(contexts, axis=0))
         self.context_scale = np.where(std > 1e-12, std, 1.0)
 
     # -- model --------------------------------------------------------------------------------
@@ -87,6 +87,7 @@ class LinearBandit:
             raise SimMergeError(f"context has {c.size} values, the bandit expects {self.context_dim}")
         if self.context_center is not None and self.context_scale is not None:
             c = (c - self.context_center) / self.context_scale
+        c = np.nan_to_num(c, nan=0.0)  # a feature the pair cannot support carries no evidence
         crossed = np.outer(np.concatenate([[1.0], c]), np.concatenate([[1.0], self.arms[arm]])).ravel()
         return np.concatenate([crossed, [float(prior)]])
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,12 @@ class LassoSelector:
 
         X = np.asarray(X, dtype=np.float64)
         self.feature_names = list(feature_names)
-        self.center = X.mean(axis=0)
-        std = X.std(axis=0)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: centre 0, scale 1
+            self.center = np.nan_to_num(np.nanmean(X, axis=0))
+            std = np.nan_to_num(np.nanstd(X, axis=0))
         self.scale = np.where(std > 1e-12, std, 1.0)
-        Z = (X - self.center) / self.scale
+        Z = self._standardise(X)
         folds = KFold(n_splits=max(2, min(5, len(y) // 2)), shuffle=True, random_state=self.seed)
         model = LassoCV(cv=folds, random_state=self.seed, max_iter=20000, alphas=50).fit(Z, y)
         self.coef, self.intercept, self.alpha = model.coef_, float(model.intercept_), float(model.alpha_)
@@ -122,8 +125,12 @@ class LassoSelector:
             raise SimMergeError(
                 f"feature matrix has {X.shape[1]} columns, the linear model expects {len(self.coef)}"
             )
-        mean = ((X - self.center) / self.scale) @ self.coef + self.intercept
+        mean = self._standardise(X) @ self.coef + self.intercept
         return mean, np.full(len(X), self.residual_std)
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        """z-scores; a missing feature (NaN: e.g. no structural features across bases) counts as average."""
+        return np.nan_to_num((X - self.center) / self.scale, nan=0.0)
 
     def top_coefficients(self, k: int = 10) -> list[tuple[str, float]]:
         order = np.argsort(-np.abs(self.coef))[:k]

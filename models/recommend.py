@@ -25,7 +25,7 @@ def drivers(
     if hasattr(selector, "contributions"):
         contrib = selector.contributions(rows)
     elif hasattr(selector, "coef"):
-        contrib = (rows - selector.center) / selector.scale * selector.coef
+        contrib = selector._standardise(rows) * selector.coef
     else:
         return [[] for _ in rows]
     out = []

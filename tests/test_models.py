@@ -314,3 +314,12 @@ def test_slerp_spelled_from_either_end_has_one_description():
     other = {"method": "slerp", "params_json": '{"t": 0.3}', "models": ["b", "a"], "kind": "pair"}
     assert np.array_equal(row_descriptor(forward, 2), row_descriptor(backward, 2))
     assert not np.array_equal(row_descriptor(forward, 2), row_descriptor(other, 2))
+
+
+def test_missing_features_are_tolerated_by_every_selector(data):
+    """Cross-family pairs have no structural features (NaN): no selector may fail or return NaN."""
+    X = data.X.copy()
+    X[::3, -4:] = np.nan
+    for selector in (LightGBMSelector(seed=0, rounds=20), LassoSelector(seed=0), BestFixedSelector()):
+        mean, unc = selector.fit(X, data.y, data.feature_names).predict(X)
+        assert np.isfinite(mean).all() and np.isfinite(unc).all()
