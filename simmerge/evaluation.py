@@ -136,7 +136,7 @@ def load_model(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dty
     path = Path(checkpoint_dir)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
-    with _quiet_loading():
+    with quiet_hf_progress():
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, local_files_only=True
         )
@@ -144,8 +144,8 @@ def load_model(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dty
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No per-load progress bar: the label harness loads hundreds of tiny models, the CLI prints JSON."""
+def quiet_hf_progress() -> Iterator[None]:
+    """No transformers progress bars (loading, saving): the label harness loads hundreds of tiny models."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from simmerge.errors import ConflictError, SimMergeError
+from simmerge.evaluation import quiet_hf_progress
 from simmerge.zoo.tasks import LETTERS, TASKS, TaskSpec, make_examples, sample_stream, task_spec, vocabulary
 
 ZOO_VERSION = "1"
@@ -64,11 +65,11 @@ RECIPES: dict[str, Recipe] = {
         experts_per_task=(2, 1), multi_task=0, second_family_tasks=2,
     ),
     "full": Recipe(
-        hidden=96, layers=3, heads=4, kv_heads=2, min_len=3, max_len=8, batch_size=32,
-        base_steps=300, expert_steps=500, lr=3e-3, eval_examples=200, probes=64,
-        default_tasks=("copy", "reverse", "shift", "sort", "rotate", "swap", "repeat", "dedupe", "add",
-                       "cumsum", "revshift"),
-        experts_per_task=(3, 3, 2), multi_task=3, second_family_tasks=3,
+        hidden=64, layers=3, heads=4, kv_heads=2, min_len=3, max_len=7, batch_size=32,
+        base_steps=200, expert_steps=300, lr=3e-3, eval_examples=200, probes=64,
+        default_tasks=("copy", "reverse", "shift", "sort", "rotate", "swap", "repeat", "dedupe", "inc",
+                       "revshift"),
+        experts_per_task=(3, 2), multi_task=3, second_family_tasks=3,
     ),
 }  # fmt: skip
 
@@ -128,15 +129,17 @@ def plan_runs(recipe: Recipe, task_names: Sequence[str], seed: int) -> list[RunS
             variants = recipe.experts_for(position) if family == "a" else 1
             for variant in range(variants):
                 lr_factor, steps_factor = EXPERT_VARIANTS[variant % len(EXPERT_VARIANTS)]
+                steps = round(recipe.expert_steps * steps_factor * TASKS[task].steps_factor)
                 runs.append(RunSpec(
                     f"{family}-{task}-{variant + 1}", family, [task], _seed(seed, family_index, counter),
-                    recipe.lr * lr_factor, round(recipe.expert_steps * steps_factor), base_name,
+                    recipe.lr * lr_factor, steps, base_name,
                 ))  # fmt: skip
                 counter += 1
         if family == "a" and recipe.multi_task and len(trainable) >= 2:
             mix = trainable[: recipe.multi_task]
             runs.append(RunSpec(f"{family}-multi", family, mix, _seed(seed, family_index, counter),
-                                recipe.lr, recipe.expert_steps * len(mix), base_name))  # fmt: skip
+                                recipe.lr, round(sum(recipe.expert_steps * TASKS[t].steps_factor for t in mix)),
+                                base_name))  # fmt: skip
     return runs
 
 
@@ -177,7 +180,7 @@ def build_zoo(
             raise ConflictError(f"{root} already holds {what}; pass --force to replace it")
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
-            with _torch_threads(threads):
+            with _torch_threads(threads), quiet_hf_progress():
                 _build_into(staging, recipe, key, progress)
             _replace(staging, root)
         except BaseException:

@@ -3,7 +3,7 @@
 Every task shares one prompt format, `<keyword> : <input tokens> =`, with the answer as the
 completion, so one word-level vocabulary covers them all and a multi-task model can tell the tasks
 apart by their first word. Relatedness is by design: reverse, rotate and swap are permutations; shift
-is a per-token mapping; sort and dedupe filter or reorder; add and cumsum are digit arithmetic;
+and inc are per-token mappings (of letters, of digits); sort and dedupe filter or reorder; add and cumsum are digit arithmetic;
 revshift (reverse then shift) composes two trained skills and is never trained on.
 """
 
@@ -30,6 +30,7 @@ class TaskSpec:
     make: Maker
     trainable: bool = True  # False: evaluation only, a held-out task no expert trains on
     metric: str = "token_accuracy"
+    steps_factor: float = 1.0  # harder tasks train longer (multiplies a recipe's expert steps)
 
     def example(self, rng: random.Random, min_len: int, max_len: int) -> tuple[str, str]:
         """One (prompt, completion) pair; the completion starts with a space, as text continues."""
@@ -101,6 +102,11 @@ def _add(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
     return [*left, "+", *right], answer
 
 
+def _inc(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
+    tokens = _digits(rng, n)
+    return tokens, [str((int(t) + 1) % 10) for t in tokens]
+
+
 def _cumsum(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
     tokens = _digits(rng, n)
     total, answer = 0, []
@@ -122,8 +128,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("swap", _swap),
         TaskSpec("repeat", _repeat),
         TaskSpec("dedupe", _dedupe),
-        TaskSpec("add", _add),
-        TaskSpec("cumsum", _cumsum),
+        TaskSpec("inc", _inc),
+        TaskSpec("add", _add, steps_factor=4.0),
+        TaskSpec("cumsum", _cumsum, steps_factor=3.0),
     )
 }
 
