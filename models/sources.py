@@ -62,37 +62,46 @@ class TablePairSource:
 class FeaturesPackageSource:
     """Pairwise features from `features` over signatures cached under the SimMerge home.
 
-    Signatures are computed on demand for checkpoints that have none yet (the features package caches
-    them by content hash), so the first call for a new checkpoint costs one probe pass.
+    Missing signatures are computed on first use, all at once (the features package caches them by
+    content hash and shares one pass over each base), so the first call for new checkpoints costs one
+    probe pass each; later calls only read the cache.
     """
 
-    def __init__(self, home: Path, resolve: Mapping[str, Path] | None = None) -> None:
+    def __init__(self, home: Path, paths: Mapping[str, Path] | None = None) -> None:
         try:
-            import features
+            from features import cache, pairwise, schema
         except ImportError as exc:  # pragma: no cover - the package ships with simmerge
             raise SimMergeError(f"the features package is not available ({exc})") from exc
-        self._features = features
+        self._cache, self._pairwise, self._schema = cache, pairwise, schema
         self.home = Path(home)
-        self._paths = dict(resolve or {})
+        self._paths = {str(k): Path(v) for k, v in (paths or {}).items()}
         self._signatures: dict[str, Any] = {}
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self._features.feature_names())
+        return list(self._schema.feature_names())
 
     @property
     def schema_version(self) -> str:
-        return str(self._features.FEATURE_SCHEMA_VERSION)
+        return f"features:{self._schema.FEATURE_SCHEMA_VERSION}"
 
-    def _signature(self, name: str) -> Any:
-        if name not in self._signatures:
-            self._signatures[name] = self._features.load_signature(self.home, self._paths.get(name, name))
-        return self._signatures[name]
+    def _ensure(self, names: Sequence[str]) -> None:
+        missing = [n for n in names if n not in self._signatures]
+        if not missing:
+            return
+        known = {n: self._paths[n] for n in missing if n in self._paths}
+        if known:
+            self._cache.compute_signatures(known, home=self.home, progress=False)
+        for name in missing:
+            self._signatures[name] = self._cache.load_signature(self.home, self._paths.get(name, name), name=name)
 
     def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         names = sorted({m for p in pairs for m in p})
-        signatures = {n: self._signature(n) for n in names}
-        return np.asarray(self._features.pairwise_features(signatures, list(pairs)), dtype=np.float64)
+        self._ensure(names)
+        if not pairs:
+            return np.zeros((0, len(self.feature_names)))
+        signatures = {n: self._signatures[n] for n in names}
+        return np.asarray(self._pairwise.pairwise_features(signatures, list(pairs)), dtype=np.float64)
 
 
 def zoo_manifest(zoo_dir: Path) -> dict[str, Any]:
