@@ -442,3 +442,38 @@ def test_scoring_and_features_jobs_are_queued(client: TestClient, family: dict[s
     assert client.get(f"/v1/features/{job_id}").status_code == 404  # a scoring job is not a features job
     assert client.post("/v1/features", json={"probes": "none"}, headers=auth("writer")).status_code == 404
     assert client.post("/v1/features", json={}, headers=auth("reader")).status_code == 403
+
+
+# ---- settings and the command ---------------------------------------------------------------------
+def test_settings_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = hashlib.sha256(b"from-env").hexdigest()
+    monkeypatch.setenv("SIMMERGE_HOME", str(tmp_path))
+    monkeypatch.setenv("SIMMERGE_CATALOG_ROOTS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    monkeypatch.setenv("SIMMERGE_TOKENS", json.dumps({"ops": {"sha256": digest, "scopes": ["admin"]}}))
+    monkeypatch.setenv("SIMMERGE_MAX_UPLOAD_BYTES", "123")
+    monkeypatch.setenv("SIMMERGE_START_JOBS", "false")
+    settings = ServiceSettings()
+    assert settings.catalog_roots == [tmp_path / "a", tmp_path / "b"] and settings.max_upload_bytes == 123
+    assert settings.db_url == f"sqlite:///{tmp_path.resolve() / 'simmerge.db'}"
+    with TestClient(create_app(settings, selector=FakeSelector())) as client:
+        created = client.post(
+            "/v1/tokens", json={"name": "t", "scopes": ["read"]}, headers={"Authorization": "Bearer from-env"}
+        )
+        assert created.status_code == 201
+
+
+def test_bad_token_configuration_stops_start_up(tmp_path: Path) -> None:
+    settings = ServiceSettings(
+        home=tmp_path, start_jobs=False, tokens={"x": {"token": "t", "scopes": ["root"]}}
+    )
+    with pytest.raises(Exception, match="root"), TestClient(create_app(settings, selector=FakeSelector())):
+        pass
+
+
+def test_serve_command_is_registered() -> None:
+    from click.testing import CliRunner
+
+    from simmerge.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "--help"])
+    assert result.exit_code == 0 and "--port" in result.output and "--host" in result.output
