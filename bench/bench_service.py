@@ -128,9 +128,12 @@ async def run_level(
                 else:
                     errors += 1
 
-        await one_client()  # warm-up request path (imports, caches) is not timed below
+        remaining = min(5, requests)
+        await one_client()  # warm-up (imports, caches) is not counted
         latencies.clear()
+        errors = 0
         remaining = requests
+        deadline = time.monotonic() + cap_s
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         wall = time.perf_counter() - started

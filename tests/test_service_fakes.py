@@ -54,7 +54,9 @@ class FakeRunners:
         plt.close(fig)
         return {"candidates": len(rows)}
 
-    def compute_features(self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Any) -> dict:
+    def compute_features(
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Any
+    ) -> dict:
         entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
         signatures = [
             {

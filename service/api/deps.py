@@ -33,6 +33,8 @@ def get_jobs(request: Request) -> Any:
 
 
 class Paging:
-    def __init__(self, offset: int = Query(0, ge=0, le=2**31 - 1), limit: int = Query(50, ge=1, le=1000)) -> None:
+    def __init__(
+        self, offset: int = Query(0, ge=0, le=2**31 - 1), limit: int = Query(50, ge=1, le=1000)
+    ) -> None:
         self.offset = offset
         self.limit = limit
