@@ -21,7 +21,7 @@ from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, descriptor_nam
 from simmerge.errors import SimMergeError
 
 COLUMNS = ("model_a", "model_b", "method", "parameters", "predicted_score", "uncertainty")
-CHUNK_ROWS = 250_000
+CHUNK_ROWS = 100_000
 Progress = Callable[[float, str | None], None]
 
 
