@@ -206,11 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.labels:
             from models.api import home_source
-            from models.sources import zoo_model_tasks
+            from models.dataset import model_tasks_from_labels
+            from models.sources import labels_zoo
 
             frame = load_labels(args.labels)
-            source = home_source(args.home, args.pair_features, args.zoo)
-            tasks = zoo_model_tasks(args.zoo) if args.zoo else {}
+            zoo = args.zoo or labels_zoo(args.labels)
+            source = home_source(args.home, args.pair_features, zoo)
+            tasks = model_tasks_from_labels(frame)
             origin = f"real labels `{args.labels}`"
         else:
             catalog = make_catalog(n_tasks=5, per_task=4, seed=0)
