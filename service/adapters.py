@@ -164,17 +164,39 @@ class ModelsRunners:
     def compute_features(
         self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Progress
     ) -> dict:
+        """Fill the signature cache (features.compute_signatures) for the checkpoints and their bases."""
+        import json
+
         try:
-            import features
+            from features import compute_signatures
         except ImportError as exc:
             raise _missing("the features package", exc) from exc
-        compute = getattr(features, "compute_signatures", None)
-        if compute is None:
-            raise _missing("features.compute_signatures", AttributeError("compute_signatures"))
         entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
-        return compute(
-            home=settings.home_dir, checkpoints={e.name: e.path for e in entries}, progress=progress
+        bases = {e.base for e in entries if e.base} - {e.name for e in entries}
+        entries += [catalog.get(b) for b in sorted(bases)]
+        probes = None
+        if request.get("probes"):  # an uploaded task: its prompts are the probe texts
+            task = next(t for t in catalog.tasks() if t.name == request["probes"])
+            with task.path.open() as handle:
+                probes = [json.loads(line)["prompt"] for line in handle if line.strip()]
+        summary = compute_signatures(
+            {e.name: e.path for e in entries},
+            {e.name: e.base for e in entries},
+            probes,
+            settings.home_dir,
+            progress,
+            device=settings.resolved_merge_device,
         )
+        summary["signatures"] = [
+            {
+                "checkpoint": e.name,
+                "content_hash": e.content_hash,
+                "probes_hash": summary["probe_hash"],
+                "path": summary["directory"],
+            }
+            for e in entries
+        ]
+        return summary
 
 
 MODELS_RUNNERS = ModelsRunners()

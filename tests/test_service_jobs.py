@@ -6,6 +6,7 @@ slow the worker with the `worker_step_delay_s` fault-injection setting so there 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -262,3 +263,22 @@ def test_scoring_and_features_jobs(make_settings, family) -> None:
         png = client.get(f"/v1/scoring/{scoring['id']}/heatmap.png")
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert png.content.startswith(b"\x89PNG")
+
+
+def test_features_job_fills_the_signature_cache(make_settings, ci_zoo: Path) -> None:
+    """The real features package (default runners) on the ci zoo: one base and two of its experts."""
+    manifest = json.loads((ci_zoo / "catalog.json").read_text())
+    base = next(c for c in manifest["checkpoints"] if not c.get("base"))
+    experts = [c for c in manifest["checkpoints"] if c.get("base") == base["name"]][:2]
+    settings = make_settings(catalog_roots=[ci_zoo], job_runners="service.adapters:MODELS_RUNNERS")
+    with TestClient(create_app(settings)) as client:
+        for item in [base, *experts]:
+            body = {"path": str(ci_zoo / item["path"]), "name": item["name"], "base": item.get("base")}
+            assert client.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+        names = [e["name"] for e in experts]
+        submitted = client.post("/v1/features", json={"models": names}, headers=auth("writer")).json()
+        done = wait_for(lambda: finished(client, submitted["id"]), timeout=300)
+        assert done["status"] == "succeeded", done
+        assert done["result"]["checkpoints"] == 3  # the experts and their base
+        assert client.app.state.store.signed_checkpoints() == {base["name"], *names}
+        assert any(Path(done["result"]["directory"]).iterdir())
