@@ -94,6 +94,49 @@ def test_a_different_zoo_into_an_existing_directory_is_refused(ci_zoo):
         build_zoo(ci_zoo, "ci", seed=1, progress=False)
 
 
+@pytest.fixture
+def micro_recipe(monkeypatch):
+    """The ci recipe cut to a few steps with no score bar: a whole build in seconds, for build mechanics."""
+    micro = RECIPES["ci"].__class__(
+        **{**RECIPES["ci"].__dict__, "base_steps": 3, "expert_steps": 2, "eval_examples": 8, "probes": 4}
+    )
+    monkeypatch.setitem(zoo_build.RECIPES, "ci", micro)
+    monkeypatch.setattr(zoo_build, "MIN_EXPERT_SCORE", 0.0)
+    return micro
+
+
+def _weights_hashes(root):
+    return {
+        c["name"]: Checkpoint.open(root / c["path"]).content_hash() for c in read_catalog(root)["checkpoints"]
+    }
+
+
+def test_builds_are_deterministic_per_seed_and_subset(tmp_path, micro_recipe):
+    first = build_zoo(tmp_path / "one", "ci", 5, ["rotate", "inc"], progress=False)
+    second = build_zoo(tmp_path / "two", "ci", 5, ["rotate", "inc"], progress=False)
+    other_seed = build_zoo(tmp_path / "three", "ci", 6, ["rotate", "inc"], progress=False)
+    assert _weights_hashes(first) == _weights_hashes(second)
+    assert (first / "tasks" / "inc.jsonl").read_bytes() == (second / "tasks" / "inc.jsonl").read_bytes()
+    assert (first / "probes.jsonl").read_bytes() == (second / "probes.jsonl").read_bytes()
+    assert set(_weights_hashes(first).values()).isdisjoint(_weights_hashes(other_seed).values())
+    catalog = read_catalog(first)
+    assert [t["name"] for t in catalog["tasks"]] == ["copy", "rotate", "inc"]
+    assert {t["name"] for t in catalog["tasks"] if t["held_out"]} == {"copy"}
+    assert {c["name"] for c in catalog["checkpoints"]} == {
+        "a-base", "a-rotate-1", "a-rotate-2", "a-inc-1", "b-base", "b-rotate-1", "b-inc-1"
+    }  # fmt: skip
+
+
+def test_force_replaces_another_zoo_and_leaves_no_staging(tmp_path, micro_recipe):
+    target = build_zoo(tmp_path / "zoo", "ci", 1, ["sort"], progress=False)
+    (target / "stray.txt").write_text("old")
+    with pytest.raises(ConflictError, match="different zoo"):
+        build_zoo(target, "ci", 2, ["sort"], progress=False)
+    assert build_zoo(target, "ci", 2, ["sort"], force=True, progress=False) == target
+    assert read_catalog(target)["seed"] == 2 and not (target / "stray.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["zoo"]
+
+
 def test_expert_that_misses_the_bar_fails_the_build_by_name(tmp_path, monkeypatch):
     weak = RECIPES["ci"].__class__(**{**RECIPES["ci"].__dict__, "base_steps": 3, "expert_steps": 2})
     monkeypatch.setitem(zoo_build.RECIPES, "ci", weak)
@@ -112,9 +155,10 @@ def test_task_subset_selection_and_plan():
         select_tasks("ci", ["copy", "revshift"])
     with pytest.raises(SimMergeError, match="huge"):
         select_tasks("huge", None)
-    runs = zoo_build.plan_runs(RECIPES["full"], select_tasks("full", None), seed=0)
+    full_tasks = select_tasks("full", None)
+    runs = zoo_build.plan_runs(RECIPES["full"], full_tasks, seed=0)
     experts = [r for r in runs if r.base]
-    per_task = {t: [r for r in experts if r.tasks == [t]] for t in TASKS if TASKS[t].trainable}
+    per_task = {t: [r for r in experts if r.tasks == [t]] for t in full_tasks if TASKS[t].trainable}
     assert all(len(rs) >= 2 for rs in per_task.values()) and len(per_task) >= 8
     assert any(len(r.tasks) > 1 for r in experts)  # the multi-task expert
     for runs_of_task in per_task.values():  # experts of one task differ in seed, lr and steps
