@@ -409,3 +409,14 @@ def test_mismatched_shapes_name_the_tensor(method):
         tensors, filled = [torch.zeros(3, 4), torch.zeros(4, 3)], filled * 2
     with pytest.raises(IncompatibleCheckpointsError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight'"):
         operator.merge(tensors, base, filled, params, tensor_name="model.layers.0.mlp.up_proj.weight")
+
+
+def test_without_mergekit_only_native_families_are_listed(monkeypatch):
+    from simmerge.operators import delegate
+
+    monkeypatch.setattr(operators, "_DELEGATED", None)
+    monkeypatch.setattr(delegate, "mergekit_methods", lambda: {})
+    names = {op.name for op in list_operators()}
+    assert names == {op.name for op in operators.native_operators()}
+    with pytest.raises(PlanError, match="'model_stock'"):
+        get_operator("model_stock")
