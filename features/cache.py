@@ -349,10 +349,13 @@ def _read_cached(home, name, path, entries, config) -> Signature | None:
     if probes is not None and _exists(stem := functional_stem(home, chash, probes.hash, config)):
         functional = SignaturePart.load(stem)
     base = _base_path(name, path, {}, None, entries)
-    base_hash = content_hash(home, Checkpoint.open(base)) if base is not None else chash
-    structural = None
-    if _exists(stem := structural_stem(home, chash, base_hash, config)):
-        structural = SignaturePart.load(stem)
+    if base is not None:
+        stems = [structural_stem(home, chash, content_hash(home, Checkpoint.open(base)), config)]
+    else:  # base unknown here: whichever base it was last computed against (newest first)
+        pattern = structural_stem(home, chash, "*", config).name + ".json"
+        found = sorted(signatures_dir(home).glob(f"structural/{pattern}"), key=lambda p: -p.stat().st_mtime)
+        stems = [p.with_suffix("") for p in found] or [structural_stem(home, chash, chash, config)]
+    structural = SignaturePart.load(stems[0]) if _exists(stems[0]) else None
     if functional is None or structural is None:
         return None
     return Signature(name, chash, functional, structural)

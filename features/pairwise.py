@@ -162,6 +162,7 @@ class _StructuralStack:
     mask_sizes: list[np.ndarray]  # per density (m,) Σ w · mask
     norm: np.ndarray  # (m,) exact ‖τ‖
     base_norm: np.ndarray  # (m,) exact ‖θ_base‖
+    identity: np.ndarray  # (m,) equal for signatures of the same content
 
     @classmethod
     def of(cls, sigs: Sequence[Signature]) -> _StructuralStack:
@@ -194,6 +195,7 @@ class _StructuralStack:
             mask_sizes=mask_sizes,
             norm=np.sqrt(np.stack([p["sq_norm"].sum() for p in parts])),
             base_norm=np.sqrt(np.stack([p["base_sq_norm"].sum() for p in parts])),
+            identity=np.unique([s.content_hash for s in sigs], return_inverse=True)[1],
         )
 
     def _group_cos(self, cols: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -222,7 +224,10 @@ class _StructuralStack:
             log_ratio = np.where(
                 (na > 0) & (nb > 0), np.log(np.where(na > 0, na, 1) / np.where(nb > 0, nb, 1)), np.nan
             )
-        dist = np.sqrt(np.maximum(na**2 + nb**2 - 2 * na * nb * np.nan_to_num(cos), 0.0))
+        # float32 Gram products leave cos ≈ 1 − 1e-7 for a signature with itself, which the distance
+        # would amplify to ~1e-3 ‖τ‖; a pair of one signature is exactly at distance 0.
+        cos_for_dist = np.where(self.identity[a] == self.identity[b], 1.0, np.nan_to_num(cos))
+        dist = np.sqrt(np.maximum(na**2 + nb**2 - 2 * na * nb * cos_for_dist, 0.0))
         base = self.base_norm[a]
         return np.stack(
             [
