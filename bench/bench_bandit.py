@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,9 +173,13 @@ def _plot(runs: dict[str, dict[str, np.ndarray]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.2), squeeze=False)
+    columns = 3
+    rows = (len(runs) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.2 * rows), squeeze=False)
+    for ax in axes.ravel()[len(runs) :]:
+        ax.axis("off")
     styles = {"ucb": "-", "thompson": "-", "regressor": "--", "best_fixed": ":", "random": "-."}
-    for ax, (title, curves) in zip(axes[0], runs.items(), strict=True):
+    for ax, (title, curves) in zip(axes.ravel(), runs.items(), strict=False):
         for policy, curve in curves.items():
             ax.plot(curve, styles[policy], label=policy, linewidth=1.6)
         ax.axvline(len(next(iter(curves.values()))) // 2, color="grey", linewidth=0.8)
@@ -192,9 +195,40 @@ def _plot(runs: dict[str, dict[str, np.ndarray]], out: Path) -> None:
     plt.close(fig)
 
 
+def run_all(
+    frame, source, tasks, rounds: int, seed: int
+) -> tuple[dict[str, dict[str, np.ndarray]], int, int]:
+    """The three replays on one labels table: standard, withheld family, unseen task."""
+    two_way = frame["kind"].fillna("pair").isin(["pair", "cross_family"])
+    data = build_dataset(frame[two_way].reset_index(drop=True), source)
+    pools = _pools(data, tasks)
+    arms = _setting_arms(data)
+    train, stream = _split(pools, seed)
+    runs: dict[str, dict[str, np.ndarray]] = {}
+    runs["standard (regressor trained on the other half)"] = replay(
+        train, stream, [], arms, data.feature_names, rounds, seed
+    )
+    family = _most_winning_family(stream)
+    withheld = {k for k in arms if family_of(k.split("{")[0]) == family}
+    if len(withheld) < len(arms):
+        runs[f"family '{family}' withheld, added halfway"] = replay(
+            train, stream, [], arms, data.feature_names, rounds, seed, withheld
+        )
+    for new in sorted({t for p in pools for t in p.tasks}, reverse=True):
+        old_train = [p for p in train if new not in p.tasks]
+        old_stream = [p for p in stream if new not in p.tasks]
+        late = [p for p in pools if new in p.tasks]
+        if len(old_train) >= 2 and old_stream and late:
+            runs[f"task '{new}' unseen until halfway"] = replay(
+                old_train, old_stream, late, arms, data.feature_names, rounds, seed
+            )
+            break
+    return runs, len(pools), len(arms)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", type=Path)
+    parser.add_argument("--labels", type=Path, help="Real labels; the synthetic catalog is replayed as well.")
     parser.add_argument("--zoo", type=Path)
     parser.add_argument("--pair-features", type=Path)
     parser.add_argument("--home", type=Path, default=Path(".cache/bench-home"))
@@ -203,63 +237,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.labels:
-            from models.api import home_source
-            from models.dataset import model_tasks_from_labels
-            from models.sources import labels_zoo
+    datasets = []
+    if args.labels:
+        from models.api import home_source
+        from models.dataset import model_tasks_from_labels
+        from models.sources import labels_zoo
 
-            frame = load_labels(args.labels)
-            zoo = args.zoo or labels_zoo(args.labels)
-            source = home_source(args.home, args.pair_features, zoo)
-            tasks = model_tasks_from_labels(frame)
-            origin = f"real labels `{args.labels}`"
-        else:
-            catalog = make_catalog(n_tasks=5, per_task=4, seed=0)
-            frame = make_labels(catalog, seed=0)
-            frame.to_parquet(Path(tmp) / "labels.parquet")
-            source, tasks = catalog, catalog.tasks
-            origin = "**synthetic** catalog (`models.synthetic`, 20 experts of 5 tasks) — real labels had not landed"
-    data = build_dataset(frame[frame["kind"].fillna("pair") == "pair"].reset_index(drop=True), source)
-    pools = _pools(data, tasks)
-    arms = _setting_arms(data)
-    train, stream = _split(pools, args.seed)
-
-    runs: dict[str, dict[str, np.ndarray]] = {}
-    runs["standard (regressor trained on the other half)"] = replay(
-        train, stream, [], arms, data.feature_names, args.rounds, args.seed
-    )
-    family = _most_winning_family(stream)
-    withheld = {k for k in arms if family_of(k.split("{")[0]) == family}
-    runs[f"family '{family}' withheld, added halfway"] = replay(
-        train, stream, [], arms, data.feature_names, args.rounds, args.seed, withheld
-    )
-    all_tasks = sorted({t for p in pools for t in p.tasks})
-    if all_tasks:
-        new = all_tasks[-1]
-        old_train = [p for p in train if new not in p.tasks]
-        late = [p for p in pools if new in p.tasks]
-        runs[f"task '{new}' unseen until halfway"] = replay(
-            old_train,
-            [p for p in stream if new not in p.tasks],
-            late,
-            arms,
-            data.feature_names,
-            args.rounds,
-            args.seed,
+        frame = load_labels(args.labels)
+        source = home_source(args.home, args.pair_features, args.zoo or labels_zoo(args.labels))
+        datasets.append((f"real labels `{args.labels}`", frame, source, model_tasks_from_labels(frame)))
+    catalog = make_catalog(n_tasks=5, per_task=4, seed=0)
+    datasets.append(
+        (
+            "**synthetic** catalog (`models.synthetic`, 20 experts of 5 tasks)",
+            make_labels(catalog, seed=0),
+            catalog,
+            catalog.tasks,
         )
-    _plot(runs, PLOT)
+    )
 
-    lines = [
-        f"Data: {origin}; {len(pools)} pair pools × {len(arms)} operator settings; {args.rounds} rounds per run; "
-        "only the chosen setting's score is revealed.\n",
-        "| run | " + " | ".join(POLICIES) + " |",
-        "|---|" + "---|" * len(POLICIES),
-    ]
-    for title, curves in runs.items():
-        lines.append(f"| {title} | " + " | ".join(f"{curves[p][-1]:.2f}" for p in POLICIES) + " |")
+    lines, all_runs = [], {}
+    for origin, frame, source, tasks in datasets:
+        runs, n_pools, n_arms = run_all(frame, source, tasks, args.rounds, args.seed)
+        tag = "real" if origin.startswith("real") else "synthetic"
+        all_runs.update({f"{tag}: {title}": curves for title, curves in runs.items()})
+        lines += [
+            f"Data: {origin}; {n_pools} two-model pools × {n_arms} operator settings; {args.rounds} rounds per run; "
+            "only the chosen setting's score is revealed.\n",
+            "| run | " + " | ".join(POLICIES) + " |",
+            "|---|" + "---|" * len(POLICIES),
+        ]
+        for title, curves in runs.items():
+            lines.append(f"| {title} | " + " | ".join(f"{curves[p][-1]:.2f}" for p in POLICIES) + " |")
+        lines.append("")
+    _plot(all_runs, PLOT)
     lines += [
-        "",
         "Cells: cumulative regret (sum over rounds of pool oracle − revealed score) at the last round; lower is better.",
         "",
         "![cumulative regret](bench/bandit_regret.png)",
