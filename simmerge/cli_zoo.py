@@ -22,7 +22,13 @@ def zoo() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for inits, data and training.")
 @click.option("--tasks", default=None, metavar="A,B,...",
               help="Task subset [default: the size's own]; copy (the bases' skill) is always added.")  # fmt: skip
-@click.option("--threads", default=1, show_default=True, help="torch threads while training.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch threads while training.",
+)
 @click.option("--force", is_flag=True, help="Replace a directory that holds something else.")
 @click.option("--no-progress", is_flag=True, help="Hide the per-run progress bars.")
 @home_option

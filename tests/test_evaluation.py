@@ -195,6 +195,12 @@ def test_eval_command_prints_scores_as_json(ci_zoo, tmp_path):
     assert list(scores) == ["shift"] and scores["shift"] >= 0.9
     result = runner.invoke(cli, [*args, "--metric", "loglik", "--home", str(tmp_path / "home")])
     assert math.isfinite(json.loads(result.stdout)["shift"]) and json.loads(result.stdout)["shift"] < 0
+    home = tmp_path / "named"
+    assert runner.invoke(cli, ["catalog", "import", str(ci_zoo), "--home", str(home)]).exit_code == 0
+    named = ["eval", "a-shift-1", "--tasks", str(ci_zoo), "--task", "shift", "--home", str(home)]
+    by_name = runner.invoke(cli, named)
+    assert by_name.exit_code == 0, by_name.output
+    assert json.loads(by_name.stdout) == scores
     result = runner.invoke(
         cli, ["eval", "no-such-model", "--tasks", str(ci_zoo), "--home", str(tmp_path / "h")]
     )

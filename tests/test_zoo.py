@@ -148,7 +148,7 @@ def test_expert_that_misses_the_bar_fails_the_build_by_name(tmp_path, monkeypatc
 
 
 def test_task_subset_selection_and_plan():
-    assert select_tasks("ci", ["rotate", "add"]) == ["copy", "rotate", "add"]
+    assert select_tasks("ci", ["rotate", "inc"]) == ["copy", "rotate", "inc"]
     with pytest.raises(NotFoundError, match="nope"):
         select_tasks("ci", ["nope"])
     with pytest.raises(SimMergeError, match="trainable"):
@@ -190,11 +190,13 @@ def test_task_generators_compute_their_answers():
         source = prompt.split(" : ")[1].removesuffix(" =").split()
         shifted = [chr((ord(t) - ord("a") + 1) % 12 + ord("a")) for t in reversed(source)]
         assert completion.split() == shifted
-        prompt, completion = TASKS["add"].example(rng, 3, 6)
-        left, right = prompt.split(" : ")[1].removesuffix(" =").split(" + ")
-        assert completion.split() == [
-            str((int(a) + int(b)) % 10) for a, b in zip(left.split(), right.split(), strict=True)
-        ]
+        prompt, completion = TASKS["dedupe"].example(rng, 3, 6)
+        source = prompt.split(" : ")[1].removesuffix(" =").split()
+        assert completion.split() == [t for i, t in enumerate(source) if t not in source[:i]]
+        prompt, completion = TASKS["swap"].example(rng, 3, 6)
+        source = prompt.split(" : ")[1].removesuffix(" =").split()
+        assert len(source) % 2 == 0
+        assert completion.split() == [t for pair in zip(source[1::2], source[::2], strict=True) for t in pair]
 
 
 def test_training_stream_never_yields_an_evaluation_prompt():
@@ -227,3 +229,17 @@ def test_zoo_imports_into_the_catalog(ci_zoo, tmp_path):
         added = catalog.import_zoo(ci_zoo)
         assert {e.name for e in added} == {c["name"] for c in read_catalog(ci_zoo)["checkpoints"]}
         assert catalog.get("a-reverse-1").base == "a-base"
+
+
+@pytest.mark.slow
+def test_full_zoo_builds_with_every_expert_over_the_bar(tmp_path):
+    root = build_zoo(tmp_path / "full", "full", 0, progress=False)
+    catalog = read_catalog(root)
+    tasks = {t["name"]: t for t in catalog["tasks"]}
+    experts = [c for c in catalog["checkpoints"] if c["role"] == "expert"]
+    assert len(tasks) >= 8 and sum(t["held_out"] for t in tasks.values()) >= 2
+    for name, task in tasks.items():
+        single = [e for e in experts if e["tasks"] == [name] and e["family"] == "a"]
+        assert task["held_out"] or 2 <= len(single) <= 3
+    assert any(len(e["tasks"]) > 1 for e in experts)
+    assert all(e["train"]["own_task_score"] >= 0.9 for e in experts)

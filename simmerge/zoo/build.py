@@ -26,7 +26,7 @@ from simmerge.errors import ConflictError, SimMergeError
 from simmerge.evaluation import quiet_hf_progress
 from simmerge.zoo.tasks import LETTERS, TASKS, TaskSpec, make_examples, sample_stream, task_spec, vocabulary
 
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"
 STAMP_FILE = ".simmerge-zoo.json"
 BASE_TASK = "copy"
 MIN_EXPERT_SCORE = 0.9

@@ -3,8 +3,9 @@
 Every task shares one prompt format, `<keyword> : <input tokens> =`, with the answer as the
 completion, so one word-level vocabulary covers them all and a multi-task model can tell the tasks
 apart by their first word. Relatedness is by design: reverse, rotate and swap are permutations; shift
-and inc are per-token mappings (of letters, of digits); sort and dedupe filter or reorder; add and cumsum are digit arithmetic;
-revshift (reverse then shift) composes two trained skills and is never trained on.
+and inc are per-token mappings (of letters, of digits); sort and dedupe filter or reorder; revshift
+(reverse then shift) composes two trained skills and is never trained on. Digit-wise addition and
+running sums were tried and left out: these tiny models stayed near chance on them within budget.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 LETTERS = tuple("abcdefghijkl")
 DIGITS = tuple("0123456789")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
-PUNCTUATION = (":", "=", "+")
+PUNCTUATION = (":", "=")
 
 Sequence = list[str]
 Maker = Callable[[random.Random, int], tuple[Sequence, Sequence]]
@@ -96,24 +97,9 @@ def _dedupe(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
     return tokens, list(dict.fromkeys(tokens))
 
 
-def _add(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
-    left, right = _digits(rng, n), _digits(rng, n)
-    answer = [str((int(a) + int(b)) % 10) for a, b in zip(left, right, strict=True)]
-    return [*left, "+", *right], answer
-
-
 def _inc(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
     tokens = _digits(rng, n)
     return tokens, [str((int(t) + 1) % 10) for t in tokens]
-
-
-def _cumsum(rng: random.Random, n: int) -> tuple[Sequence, Sequence]:
-    tokens = _digits(rng, n)
-    total, answer = 0, []
-    for t in tokens:
-        total = (total + int(t)) % 10
-        answer.append(str(total))
-    return tokens, answer
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -129,8 +115,6 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("repeat", _repeat),
         TaskSpec("dedupe", _dedupe),
         TaskSpec("inc", _inc),
-        TaskSpec("add", _add, steps_factor=4.0),
-        TaskSpec("cumsum", _cumsum, steps_factor=3.0),
     )
 }
 
