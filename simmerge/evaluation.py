@@ -200,6 +200,8 @@ def encode_example(tokenizer, example: Example) -> tuple[list[int], list[int]]:
     """(prompt ids with the tokenizer's special tokens, completion ids without any)."""
     prompt = tokenizer(example.prompt)["input_ids"]
     completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    if not prompt:  # nothing would predict the completion's first token
+        raise SimMergeError(f"prompt {example.prompt!r} has no tokens")
     if not completion:
         raise SimMergeError(f"completion {example.completion!r} of prompt {example.prompt!r} has no tokens")
     return list(prompt), list(completion)

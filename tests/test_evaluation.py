@@ -179,6 +179,11 @@ def test_task_sources_and_selection(tmp_path, ci_zoo):
     assert zoo_tasks["copy"].held_out and not zoo_tasks["reverse"].held_out
     with pytest.raises(NotFoundError, match="'gamma'"):
         load_tasks(folder, ["gamma"])
+    model, tokenizer = load_model(ci_zoo / "checkpoints" / "a-base")
+    with pytest.raises(SimMergeError, match="prompt '' has no tokens"):
+        evaluate_model(model, tokenizer, [Task("t", (Example("", " a"),))])
+    with pytest.raises(SimMergeError, match="completion ' ' of prompt 'copy : a =' has no tokens"):
+        evaluate_model(model, tokenizer, [Task("t", (Example("copy : a =", " "),))])
     with pytest.raises(SimMergeError, match="f1"):
         evaluate_model(None, None, [zoo_tasks["copy"]], "f1")
 
