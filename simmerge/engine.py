@@ -203,10 +203,13 @@ def run_merge(
         writer = ShardedSafetensorsWriter(staging, layout, parse_size(max_shard_size))
         bar = tqdm(total=len(layout), desc="merging", unit="tensor", disable=not progress, leave=False)
         with bar:
-            for done, (spec, (name, tensor)) in enumerate(
-                zip(layout, iter_merged(prepared, device, seed, digest=True), strict=True), start=1
-            ):
+            # Plain iteration: zip/enumerate would keep the previous (name, tensor) tuple alive in
+            # their reused result tuple while the generator computes the next tensor.
+            merged = iter_merged(prepared, device, seed, digest=True)
+            for done, spec in enumerate(layout, start=1):
+                name, tensor = next(merged)
                 writer.write(name, tensor.to(spec.dtype))
+                del tensor
                 bar.update()
                 if on_progress:
                     on_progress(done / len(layout))
