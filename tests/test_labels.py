@@ -104,7 +104,7 @@ def test_triples_and_cross_family_are_sampled_by_seed(ci_zoo):
     assert kinds["fold"] == 2 * spec.fold_orders * len(spec.fold_settings)
     assert kinds["cross_family"] == 3 * len(spec.cross_settings)
     folds = [p for p in plans if p.kind == "fold"]
-    assert {p.method for p in folds} == {f"{m}>{m}" for m, _ in spec.fold_settings}
+    assert {p.method for p in folds} == {f"{a[0]}>{b[0]}" for a, b in spec.fold_settings}
     for fold in folds:  # ((A ⊕ B) ⊕ C): the second step merges the first step's result with C
         first, second = fold.plan.steps
         assert [m.model for m in second.models] == [first.name, fold.models[2]]

@@ -28,7 +28,9 @@ class GridSpec:
     pair_settings: tuple[Setting, ...]
     slerp_t: tuple[float, ...]  # each t is labelled in both orders (either expert as slerp's base)
     kway_settings: tuple[Setting, ...]
-    fold_settings: tuple[Setting, ...]  # one setting for both steps of ((A ⊕ B) ⊕ C)
+    # the two steps of ((A ⊕ B) ⊕ C). Not task_arithmetic: its folds equal a linear fold (weight 0.5)
+    # or the k-way sum in every order (weight 1), so they would only repeat other labels.
+    fold_settings: tuple[tuple[Setting, Setting], ...]
     fold_orders: int  # how many rotations of a triple are folded (1 to 3: each member last once)
     cross_settings: tuple[Setting, ...]
     triples: int  # default number of sampled triples
@@ -37,6 +39,7 @@ class GridSpec:
 
 
 _LINEAR: Setting = ("linear", {"weight": 1.0})
+_TIES: Setting = ("ties", {"density": 0.5, "weight": 1.0})
 GRIDS: dict[str, GridSpec] = {
     "default": GridSpec(
         pair_settings=(
@@ -53,11 +56,7 @@ GRIDS: dict[str, GridSpec] = {
             ("task_arithmetic", {"weight": 0.5}),
             ("ties", {"density": 0.5, "weight": 1.0}),
         ),
-        fold_settings=(
-            _LINEAR,
-            ("task_arithmetic", {"weight": 0.5}),
-            ("ties", {"density": 0.5, "weight": 1.0}),
-        ),
+        fold_settings=((_LINEAR, _LINEAR), (_TIES, _TIES), (_TIES, _LINEAR)),
         fold_orders=3,
         cross_settings=(_LINEAR, ("task_arithmetic", {"weight": 1.0})),
         triples=12,
@@ -71,7 +70,7 @@ GRIDS: dict[str, GridSpec] = {
         ),
         slerp_t=(0.5,),
         kway_settings=(_LINEAR, ("ties", {"density": 0.5, "weight": 1.0})),
-        fold_settings=(_LINEAR,),
+        fold_settings=((_LINEAR, _LINEAR),),
         fold_orders=1,
         cross_settings=(_LINEAR,),
         triples=1,
@@ -175,7 +174,7 @@ def _triple_plans(zoo: Zoo, spec: GridSpec, count: int, rng: random.Random) -> l
     for base, members in chosen:
         plans += [kway_plan(m, p, members, base) for m, p in spec.kway_settings]
         for order in rotations(members, spec.fold_orders):
-            plans += [fold_plan([(m, p), (m, p)], order, base) for m, p in spec.fold_settings]
+            plans += [fold_plan(list(steps), order, base) for steps in spec.fold_settings]
     return plans
 
 
