@@ -27,5 +27,6 @@ def serve(ctx: Context, host: str, port: int, log_level: str) -> None:
     from service.settings import ServiceSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # the catalog is opened (and checked) often
     settings = ServiceSettings(home=ctx.home) if ctx.home_option is not None else ServiceSettings()
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
