@@ -292,3 +292,37 @@ def test_two_runs_never_write_one_labels_file(ci_zoo, tmp_path):
     with exclusive_writer(out), pytest.raises(ConflictError, match="another `simmerge label` run"):
         label_zoo(ci_zoo, out, grid="small", limit=1, progress=False)
     assert not out.exists()
+
+
+# -- headroom benchmark arithmetic ----------------------------------------------------------------
+
+
+def _row(models, method, params, score, kind="pair"):
+    return {
+        "models": list(models),
+        "method": method,
+        "params_json": json.dumps(params),
+        "kind": kind,
+        "held_in_score": score,
+        "held_out_score": None,
+    }
+
+
+def test_headroom_best_fixed_must_cover_every_pool_and_oracle_takes_each_pools_best():
+    from bench.headroom import headroom, setting_key
+
+    rows = [
+        _row("xy", "linear", {"weight": 1.0}, 0.5),
+        _row("xy", "ties", {"density": 0.5}, 0.7),
+        _row("xy", "slerp", {"t": 0.3}, 0.9),  # best there, but labelled in one pool only
+        _row("xz", "linear", {"weight": 1.0}, 0.6),
+        _row("xz", "ties", {"density": 0.5}, 0.3),
+    ]
+    (group,) = headroom(rows)
+    assert (group.pools, group.plans) == (2, 5)
+    assert group.best_fixed == "linear(weight=1.0)" and group.best_fixed_mean == pytest.approx(0.55)
+    assert group.oracle_mean == pytest.approx(0.75) and group.gap == pytest.approx(0.2)
+    shares = {s.setting: s.best_share for s in group.settings}
+    assert shares == {"linear(weight=1.0)": 0.5, "ties(density=0.5)": 0.0, "slerp(t=0.3) from 1st": 1.0}
+    swapped = _row("yx", "slerp", {"t": 0.3}, 0.1)
+    assert setting_key(swapped) == "slerp(t=0.3) from 2nd"
