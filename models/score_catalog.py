@@ -147,6 +147,8 @@ def plot_best_merges(table: pd.DataFrame, out: Path, max_models: int = 24) -> Pa
             for i, j in ((index[a], index[b]), (index[b], index[a])):
                 grid[i, j] = score
                 labels[i][j] = _ABBREVIATIONS.get(str(method), str(method)[:5])
+                if len(shown) <= 12:  # room for the score too
+                    labels[i][j] += f"\n{score:.2f}"
     size = max(5.0, 0.55 * len(shown) + 2)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     image = ax.imshow(grid, cmap="viridis")
