@@ -213,12 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", default="default", choices=["default", "small"])
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--note", default="", help="A sentence appended to the section (e.g. why this zoo).")
     parser.add_argument("--no-write", action="store_true", help="Print the section instead of writing it.")
     args = parser.parse_args(argv)
     table, rows = _labelled_rows(args)
     meta = json.loads((table.schema.metadata or {}).get(b"simmerge.labels", b"{}"))
     body = render(headroom(rows), _facts(args.labels, rows, meta, table.num_rows))
-    command = "python -m bench.headroom " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.note:
+        body = f"{args.note}\n\n{body}"
+    shown = [a for a in (argv if argv is not None else sys.argv[1:]) if a != args.note]
+    command = "python -m bench.headroom " + " ".join(a for a in shown if a != "--note")
     if args.no_write:
         print(body)
     else:
