@@ -157,11 +157,9 @@ class _Executor:
         assert scorer is not None
         for item in items:
             if function == "checkpoint":
-                scores = scorer.score_checkpoint(item)
-                yield item, json.dumps({"name": item, "hash": scorer.content_hash(item), "scores": scores})
+                yield item, json.dumps(scorer.checkpoint_record(item))
             else:
-                result = scorer.score_plan(json.loads(item))
-                yield item, json.dumps(asdict(result))
+                yield item, json.dumps(asdict(scorer.score_plan(json.loads(item))))
 
     def _pooled(self, function: str, items: Sequence[str]) -> Iterator[tuple[str, str]]:
         assert self.pool is not None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class Scorer:
         ckpt = self.checkpoint(name)
         state = {n: ckpt.read(n).to(torch.float32) for n in ckpt.names()}
         return self._evaluate(ckpt.path, state)
+
+    def checkpoint_record(self, name: str) -> dict[str, Any]:
+        """What the labels file caches per checkpoint: its scores and the weights' hash they belong to."""
+        return {"name": name, "hash": self.content_hash(name), "scores": self.score_checkpoint(name)}
 
     def score_plan(self, plan_dict: dict[str, Any]) -> PlanScores:
         from simmerge.engine import merge_state_dict
@@ -95,14 +99,9 @@ def init_worker(zoo_root: str, seed: int, threads: int) -> None:
 
 def worker_score_checkpoint(name: str) -> str:
     assert _WORKER is not None
-    return json.dumps(
-        {"name": name, "hash": _WORKER.content_hash(name), "scores": _WORKER.score_checkpoint(name)}
-    )
+    return json.dumps(_WORKER.checkpoint_record(name))
 
 
 def worker_score_plan(plan_json: str) -> str:
     assert _WORKER is not None
-    result = _WORKER.score_plan(json.loads(plan_json))
-    return json.dumps(
-        {"scores": result.scores, "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds}
-    )
+    return json.dumps(asdict(_WORKER.score_plan(json.loads(plan_json))))
