@@ -20,8 +20,13 @@ Progress = Callable[[float, str | None], None]
 class Selector(Protocol):
     """What the recommendation and feedback endpoints need from the learned selector."""
 
-    def recommend(self, models: Sequence[str], *, top: int, task: str | None) -> list[dict[str, Any]]:
-        """Ranked plans: dicts with rank, models, steps, predicted_score, uncertainty, mergekit_yaml, drivers."""
+    def recommend(
+        self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Ranked plans (`base`: the experts' common base, if any).
+
+        Dicts with rank, models, steps, predicted_score, uncertainty, mergekit_yaml, drivers.
+        """
         ...
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
@@ -77,10 +82,6 @@ class ModelsSelector:
             raise _missing("the learned selector (models.api)", exc) from exc
         return api
 
-    def _base(self, models: Sequence[str]) -> str | None:
-        bases = {self.catalog.get(m).base for m in models}
-        return bases.pop() if len(bases) == 1 else None
-
     def _loaded(self, api: Any) -> tuple[Any, dict[str, Any], Any]:
         """(predictor, its metadata, pair-feature source), reloaded when the files change."""
         directory = api.predictor_dir(self.home)
@@ -93,12 +94,13 @@ class ModelsSelector:
             self._cached = (stamp, predictor, meta, source)
         return self._cached[1], self._cached[2], self._cached[3]
 
-    def recommend(self, models: Sequence[str], *, top: int, task: str | None) -> list[dict[str, Any]]:
+    def recommend(
+        self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None
+    ) -> list[dict[str, Any]]:
         """What `models.api.recommend` does, with the predictor and source kept warm."""
         api = self._api()
         from models.recommend import recommend_plans
 
-        base = self._base(models)
         with self._lock:  # one prediction at a time: LightGBM parallelises inside a call
             predictor, meta, source = self._loaded(api)
             result = recommend_plans(

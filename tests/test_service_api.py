@@ -27,7 +27,9 @@ class FakeSelector:
         self.rewards: dict[str, list[float]] = defaultdict(list)
         self.families = ["linear", "task_arithmetic"]
 
-    def recommend(self, models: list[str], *, top: int, task: str | None) -> list[dict[str, Any]]:
+    def recommend(
+        self, models: list[str], *, top: int, task: str | None, base: str | None = None
+    ) -> list[dict[str, Any]]:
         scored = []
         for family in self.families:
             rewards = self.rewards[family]

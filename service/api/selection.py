@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.adapters import Selector
@@ -12,10 +14,19 @@ from service.api.deps import get_catalog, get_selector, get_store
 from service.api.schemas import FeedbackIn, FeedbackOut, RecommendationIn, RecommendationOut
 from service.auth import require_scope
 from service.store import Store
-from simmerge.catalog import Catalog
+from simmerge.catalog import Catalog, CheckpointRow
 from simmerge.errors import NotFoundError, SimMergeError
 
 router = APIRouter(tags=["recommendations"])
+
+
+def checkpoint_bases(catalog: Catalog, names: list[str]) -> dict[str, str | None]:
+    """Name → base for the named checkpoints that exist, in one query (this path is latency-bound)."""
+    with Session(catalog.engine) as session:
+        rows = session.execute(
+            select(CheckpointRow.name, CheckpointRow.base).where(CheckpointRow.name.in_(names))
+        )
+        return {name: base for name, base in rows}
 
 
 @router.post("/recommendations", response_model=RecommendationOut)
@@ -28,11 +39,13 @@ async def recommend(
     """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint."""
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
-    known = await run_in_threadpool(lambda: {e.name for e in catalog.list()})
+    bases = await run_in_threadpool(checkpoint_bases, catalog, body.models)
     for model in body.models:
-        if model not in known:
+        if model not in bases:
             raise NotFoundError(f"{model!r} is not a checkpoint in the catalog")
-    plans = await run_in_threadpool(selector.recommend, body.models, top=body.top, task=body.task)
+    shared = set(bases.values())
+    base = shared.pop() if len(shared) == 1 else None
+    plans = await run_in_threadpool(selector.recommend, body.models, top=body.top, task=body.task, base=base)
     return {"plans": plans, "task": body.task}
 
 
