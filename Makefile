@@ -43,5 +43,14 @@ bench-merge: venv
 	$(PIP) -e '.[bench]'
 	$(BIN)/python -m bench.bench_merge
 
+# Ground truth: the full zoo and its labels (resumable: re-running skips finished plans).
+LABEL_ZOO ?= $(CURDIR)/.cache/zoo-full-0
+LABELS ?= $(CURDIR)/.cache/labels-full-0.parquet
+LABEL_WORKERS ?= $(shell nproc)
+
+labels: venv
+	$(BIN)/simmerge zoo build $(LABEL_ZOO) --size full --seed 0 --no-progress
+	$(BIN)/python -m bench.headroom --zoo $(LABEL_ZOO) --labels $(LABELS) --workers $(LABEL_WORKERS)
+
 clean:
 	rm -rf .cache .pytest_cache .ruff_cache
