@@ -24,6 +24,7 @@ from service.adapters import ModelsSelector, Selector
 from service.api import admin, checkpoints, jobs, operators, selection, tasks
 from service.api.errors import UnavailableError, install_error_handlers
 from service.auth import load_configured_tokens
+from service.db import JOB_STATUSES
 from service.jobs.manager import JobManager
 from service.settings import ServiceSettings
 from service.store import Store, migrate
@@ -127,8 +128,9 @@ def create_app(settings: ServiceSettings | None = None, *, selector: Selector | 
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     def prometheus_metrics() -> Response:
-        for status, count in store.count_jobs_by_status().items():
-            metrics.jobs.labels(status).set(count)
+        counts = store.count_jobs_by_status()
+        for status in JOB_STATUSES:  # every status, so a count that drops to zero shows as zero
+            metrics.jobs.labels(status).set(counts.get(status, 0))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

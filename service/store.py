@@ -221,10 +221,18 @@ class Store:
 
     # ---- feedback and labels ----------------------------------------------------------------------
     def add_feedback(
-        self, *, checkpoint: str, task: str, score: float, plan: dict[str, Any], merge_job_id: str | None
+        self,
+        *,
+        checkpoint: str,
+        task: str,
+        score: float,
+        plan: dict[str, Any],
+        plan_id: str,
+        merge_job_id: str | None,
     ) -> Feedback:
+        """The feedback row, and the same measurement as a label (plan, task, score) for retraining."""
         row = Feedback(checkpoint=checkpoint, task=task, score=score, plan=plan, merge_job_id=merge_job_id)
-        label = Label(plan_id=canonical_hash(plan), plan=plan, task=task, score=score, parent_scores={})
+        label = Label(plan_id=plan_id, plan=plan, task=task, score=score, parent_scores={})
         with self.session() as session:
             session.add_all([row, label])
         return row

@@ -107,6 +107,7 @@ def test_health_ready_metrics_and_docs(client: TestClient) -> None:
     client.get("/v1/checkpoints/nope")
     metrics = client.get("/metrics").text
     assert 'route="/v1/checkpoints/{name}",status="404"' in metrics
+    assert 'simmerge_jobs{status="running"} 0.0' in metrics
 
 
 def test_migrations_keep_separate_histories(app_parts) -> None:
@@ -408,6 +409,11 @@ def test_recommendations_and_feedback_reach_the_selector(app_parts, family: dict
     )
     assert sent.status_code == 201 and sent.json()["checkpoint"] == "ta"
     assert selector.rewards["task_arithmetic"] == [0.9]
+    with client.app.state.store.engine.connect() as conn:
+        label = conn.execute(text("SELECT plan_id, task, score FROM labels")).one()
+    from simmerge.plan import Plan
+
+    assert tuple(label) == (Plan.from_dict(merge["request"]["plan"]).plan_id(), "arith", 0.9)
     second = client.post("/v1/recommendations", json=ask).json()
     assert second["plans"][0]["steps"][0]["merge_method"] == "task_arithmetic"
 

@@ -71,8 +71,16 @@ def feedback(
         checkpoint, plan, prior = entry.name, entry.plan, None
     if all(t.name != body.task for t in catalog.tasks()):
         raise NotFoundError(f"no task named {body.task!r} in the catalog")
+    from simmerge.plan import Plan
+
+    plan_id = Plan.from_dict(plan).plan_id()
     row = store.add_feedback(
-        checkpoint=checkpoint, task=body.task, score=body.score, plan=plan, merge_job_id=body.merge_id
+        checkpoint=checkpoint,
+        task=body.task,
+        score=body.score,
+        plan=plan,
+        plan_id=plan_id,
+        merge_job_id=body.merge_id,
     )
     selector.feedback(
         {"plan": plan, **({"predicted_score": prior} if prior is not None else {})}, body.task, body.score
