@@ -93,7 +93,9 @@ class FeaturesPackageSource:
         if known:
             self._cache.compute_signatures(known, home=self.home, progress=False)
         for name in missing:
-            self._signatures[name] = self._cache.load_signature(self.home, self._paths.get(name, name), name=name)
+            self._signatures[name] = self._cache.load_signature(
+                self.home, self._paths.get(name, name), name=name
+            )
 
     def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         names = sorted({m for p in pairs for m in p})
