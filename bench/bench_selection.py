@@ -107,11 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.labels:
             from models.api import home_source
+            from models.sources import labels_zoo
 
             labels, holdout = args.labels, args.holdout_labels
+            args.zoo = args.zoo or labels_zoo(labels)
+            holdout_zoo = args.holdout_zoo or (labels_zoo(holdout) if holdout else None)
             source = home_source(args.home, args.pair_features, args.zoo)
             holdout_source = (
-                home_source(args.home, args.holdout_pair_features, args.holdout_zoo) if holdout else None
+                home_source(args.home, args.holdout_pair_features, holdout_zoo) if holdout else None
             )
             tasks = None
             origin = f"real labels `{labels}`" + (f", held-out catalog `{holdout}`" if holdout else "")
