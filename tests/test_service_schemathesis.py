@@ -18,14 +18,6 @@ from service.settings import ServiceSettings  # noqa: E402
 from tests.test_service_api import FakeSelector  # noqa: E402
 from tests.test_service_support import auth, token_settings  # noqa: E402
 
-_HOME = Path(tempfile.mkdtemp(prefix="simmerge-schemathesis-"))
-APP = create_app(
-    ServiceSettings(home=_HOME, tokens=token_settings(), start_jobs=False, catalog_roots=[_HOME]),
-    selector=FakeSelector(),
-)
-with TestClient(APP):  # run the lifespan once: migrations and tokens
-    pass
-
 
 @schemathesis.serializer("application/x-ndjson")
 def _ndjson(_ctx, value) -> bytes:
@@ -33,7 +25,19 @@ def _ndjson(_ctx, value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+_HOME = Path(tempfile.mkdtemp(prefix="simmerge-schemathesis-"))
+APP = create_app(
+    ServiceSettings(home=_HOME, tokens=token_settings(), start_jobs=False, catalog_roots=[_HOME]),
+    selector=FakeSelector(),
+)
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)  # reads the spec only; no database yet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _migrated():
+    """The lifespan (migrations, tokens) runs only when the slow test actually runs."""
+    with TestClient(APP):
+        yield
 
 
 @pytest.mark.slow
