@@ -12,41 +12,75 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from features.schema import DEPTHS, KINDS, MASK_DENSITIES, QUANTILE_LEVELS, depth_thirds, feature_names
 from features.signature import Signature
 from simmerge.errors import SimMergeError
 
 CHUNK_PAIRS = 2048  # pairs per chunk for divergences (bounds memory at ~100 MB)
+BLAS_THREADS = 1
 _MIN_LOG = -80.0  # log-mass floor: a model that puts no mass outside its top-k still gets a finite log
 
 
-def _pair_dot(x: np.ndarray, a: np.ndarray, b: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
-    """Σ_j x[a, j] · y[b, j] for every pair, by Gram blocks when pairs are dense, else row by row."""
-    y = x if y is None else y
-    n, m = len(a), x.shape[0]
-    out = np.empty(n, dtype=np.float64)
-    if n == 0:
+class _Pairs:
+    """Ordered pairs (a, b) of rows, planned once so that many bilinear statistics reuse the plan.
+
+    Dense pair sets (most of the m × m grid) are served by blocks of a Gram matrix (matrix products);
+    sparse ones row by row.
+    """
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, m: int) -> None:
+        self.a, self.b, self.m = a, b, m
+        self.dense = len(a) * 16 >= m * m
+        self.order = np.argsort(a, kind="stable") if self.dense else np.arange(len(a))
+        self.sorted_a = a[self.order]
+        self.block = max(1, min(m, 2**24 // max(m, 1)))  # Gram rows per block: ≤ 16M entries
+        self.blocks = self._blocks(self.block)
+
+    def _blocks(self, rows: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """(first row, pair selection, their rows within the block, their columns) per block of a."""
+        blocks = []
+        for start in range(0, self.m, rows) if self.dense else ():
+            lo, hi = np.searchsorted(self.sorted_a, [start, start + rows])
+            if lo < hi:
+                sel = self.order[lo:hi]
+                blocks.append((start, sel, self.a[sel] - start, self.b[sel]))
+        return blocks
+
+    def chunks(self, max_pairs: int):
+        """Yield (selection, dot) over chunks of about `max_pairs` pairs; `dot(x, y)` gives
+        Σ_j x[a, j] · y[b, j] for the selected pairs, from a Gram block when the set is dense."""
+        if self.dense:
+            rows = max(1, min(self.m, max_pairs // max(1, self.m)))
+            for start, sel, r, c in self._blocks(rows):
+                yield (
+                    sel,
+                    lambda x, y, start=start, r=r, c=c, rows=rows: (x[start : start + rows] @ y.T)[r, c],
+                )
+        else:
+            for s in range(0, len(self.a), max_pairs):
+                sel = np.arange(s, min(s + max_pairs, len(self.a)))
+                yield sel, lambda x, y, sel=sel: np.einsum("ij,ij->i", x[self.a[sel]], y[self.b[sel]])
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def dot(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """Σ_j x[a, j] · y[b, j] for every pair (y defaults to x)."""
+        y = x if y is None else y
+        out = np.empty(len(self.a), dtype=np.float64)
+        if self.dense:
+            for start, sel, rows, cols in self.blocks:
+                out[sel] = (x[start : start + self.block] @ y.T)[rows, cols]
+        else:
+            step = max(1, 2**23 // max(1, x.shape[1]))
+            for s in range(0, len(self.a), step):
+                out[s : s + step] = np.einsum("ij,ij->i", x[self.a[s : s + step]], y[self.b[s : s + step]])
         return out
-    if n * 16 >= m * m:
-        order = np.argsort(a, kind="stable")
-        sorted_a = a[order]
-        block = max(1, min(m, (64 * 2**20) // max(1, 4 * m)))
-        for start in range(0, m, block):
-            lo, hi = np.searchsorted(sorted_a, [start, start + block])
-            if lo == hi:
-                continue
-            sel = order[lo:hi]
-            gram = x[start : start + block] @ y.T
-            out[sel] = gram[a[sel] - start, b[sel]]
-    else:
-        step = max(1, (32 * 2**20) // max(1, 4 * x.shape[1]))
-        for start in range(0, n, step):
-            sa, sb = a[start : start + step], b[start : start + step]
-            out[start : start + step] = np.einsum("ij,ij->i", x[sa], y[sb])
-    return out
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -69,63 +103,104 @@ def _depth_summary(per_layer: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _FunctionalStack:
-    ids: np.ndarray  # (m, P, k) int32
-    logp: np.ndarray  # (m, P, k) float32
-    log_other: np.ndarray  # (m, P): log-prob of each single token outside the top-k
-    others: int  # vocabulary − k
+    """Next-token distributions on a dense union of outcomes, and hidden-state rows.
+
+    For each position the outcomes are every token some stacked signature has in its top-k (a segment
+    of columns) plus one pooled outcome for all other tokens. Each signature gives its top-k tokens
+    their log-probs and every other token its per-token rest share, so the divergences of any pair are
+    those of its two compact distributions, whatever else is stacked with it.
+    """
+
+    prob: list[np.ndarray]  # per position (m, W_p) float64 probabilities of the union tokens
+    logp: list[np.ndarray]  # per position (m, W_p) float64 log-probabilities
+    prob32: np.ndarray  # (m, T) float32, all segments side by side (for Jensen–Shannon)
+    starts: np.ndarray  # (P,) first column of each position's segment in prob32
+    log_other: np.ndarray  # (m, P) log-prob of each single token outside the top-k
+    outside: np.ndarray  # (P,) tokens outside the union at each position
+    negentropy: np.ndarray  # (m, P) Σ p log p over all outcomes (float64)
+    g_double: np.ndarray  # (m, P) Σ 2p log 2p over union tokens, computed exactly as for mixtures
+    top1: np.ndarray  # (m, P) most likely token
     cosine_rows: list[np.ndarray]  # per layer (m, probes·width): unit rows / √probes
     cka_rows: list[np.ndarray]  # per layer (m, probes²): centred Gram, unit Frobenius norm
 
     @classmethod
     def of(cls, sigs: Sequence[Signature]) -> _FunctionalStack:
         parts = [s.functional for s in sigs]
-        ids = np.stack([p["topk_ids"] for p in parts]).astype(np.int32)
-        logp = np.stack([p["topk_logp"] for p in parts]).astype(np.float32)
-        others = int(parts[0].meta["vocab_size"]) - ids.shape[2]
-        rest = np.maximum(np.stack([p["rest_logp"] for p in parts]).astype(np.float32), _MIN_LOG)
-        hidden = np.stack([p["hidden"] for p in parts]).astype(np.float32)  # (m, L, probes, width)
-        return cls(ids, logp, rest - np.log(others), others, *_hidden_rows(hidden))
-
-    def features(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        div = np.concatenate(
-            [
-                self._divergences(a[s : s + CHUNK_PAIRS], b[s : s + CHUNK_PAIRS])
-                for s in range(0, len(a), CHUNK_PAIRS)
-            ]
+        ids = np.stack([p["topk_ids"] for p in parts]).astype(np.int64)  # (m, P, k)
+        top = np.stack([p["topk_logp"] for p in parts]).astype(np.float64)
+        m, positions, k = ids.shape
+        vocab = int(parts[0].meta["vocab_size"])
+        rest = np.maximum(np.stack([p["rest_logp"] for p in parts]).astype(np.float64), _MIN_LOG)
+        log_other = rest - np.log(vocab - k)
+        keys = np.arange(positions)[None, :, None] * vocab + ids
+        union = np.unique(keys)
+        starts = np.searchsorted(union, np.arange(positions) * vocab)
+        widths = np.diff(np.append(starts, len(union)))
+        logp = log_other[:, union // vocab]  # (m, T): the rest share, then the top-k on top
+        np.put_along_axis(logp, np.searchsorted(union, keys).reshape(m, -1), top.reshape(m, -1), axis=1)
+        prob = np.exp(logp)
+        outside = (vocab - widths).astype(np.float64)
+        negentropy = np.add.reduceat(prob * logp, starts, axis=1) + outside * np.exp(log_other) * log_other
+        prob32 = prob.astype(np.float32)
+        bounds = np.append(starts, len(union))
+        return cls(
+            prob=[np.ascontiguousarray(prob[:, s:e]) for s, e in pairwise(bounds)],
+            logp=[np.ascontiguousarray(logp[:, s:e]) for s, e in pairwise(bounds)],
+            prob32=prob32,
+            starts=starts,
+            log_other=log_other,
+            outside=outside,
+            negentropy=negentropy,
+            g_double=_segment_slogs(prob32 + prob32, starts),
+            top1=ids[:, :, 0],
+            **_hidden_rows(np.stack([p["hidden"] for p in parts]).astype(np.float32)),
         )
-        cos = np.stack([_pair_dot(x, a, b) for x in self.cosine_rows], axis=1)
-        cka = np.stack([_pair_dot(x, a, b) for x in self.cka_rows], axis=1)
-        return np.concatenate([div, _depth_summary(cos), _depth_summary(cka)], axis=1)
 
-    def _divergences(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        ia, ib, la, lb = self.ids[a], self.ids[b], self.logp[a], self.logp[b]
-        ra, rb = self.log_other[a][..., None], self.log_other[b][..., None]
-        eq = ia[..., :, None] == ib[..., None, :]  # (n, P, k, k): a's i-th token is b's j-th
-        b_has, a_has = eq.any(-1), eq.any(-2)
-        eqf = eq.astype(np.float32)
-        lb_on_a = np.where(b_has, np.einsum("npij,npj->npi", eqf, lb), rb)
-        # b's top tokens that a's top-k lacks; a gives each the per-token rest share
-        only_b = ~a_has
-        rest_count = (self.others - only_b.sum(-1))[..., None].astype(np.float32)  # outcomes in neither
-        # outcomes: a's top-k, b's top-k not in a's, and the pooled rest (count × per-token share)
-        lp = [la, np.broadcast_to(ra, lb.shape), ra + np.log(np.maximum(rest_count, 1))]
-        lq = [lb_on_a, lb, rb + np.log(np.maximum(rest_count, 1))]
-        weight = [np.ones_like(la), only_b.astype(np.float32), (rest_count > 0).astype(np.float32)]
-        kl_ab = sum(_sum_last(w * np.exp(p) * (p - q)) for w, p, q in zip(weight, lp, lq, strict=True))
-        kl_ba = sum(_sum_last(w * np.exp(q) * (q - p)) for w, p, q in zip(weight, lp, lq, strict=True))
-        js = sum(_sum_last(w * _js_terms(p, q)) for w, p, q in zip(weight, lp, lq, strict=True))
-        kl_ab, kl_ba, js = (np.maximum(v, 0.0) for v in (kl_ab, kl_ba, js))
-        top1 = (ia[..., 0] == ib[..., 0]).mean(1)
-        return np.concatenate([_spread(kl_ab), _spread(kl_ba), _spread(js), top1[:, None]], axis=1)
+    def features(self, pairs: _Pairs) -> np.ndarray:
+        out = np.empty((len(pairs), 10))
+        for sel, dot in pairs.chunks(CHUNK_PAIRS * 16):
+            out[sel] = self._divergences(pairs.a[sel], pairs.b[sel], dot)
+        cos = np.stack([pairs.dot(x) for x in self.cosine_rows], axis=1)
+        cka = np.stack([pairs.dot(x) for x in self.cka_rows], axis=1)
+        return np.concatenate([out, _depth_summary(cos), _depth_summary(cka)], axis=1)
+
+    def _divergences(self, a: np.ndarray, b: np.ndarray, dot) -> np.ndarray:
+        """(n, 10): KL(a‖b), KL(b‖a), JS (mean, median, p90 over positions each), top-1 agreement."""
+        n, positions = len(a), len(self.prob)
+        cross_ab, cross_ba = np.empty((positions, n)), np.empty((positions, n))
+        for i, (p, lp) in enumerate(zip(self.prob, self.logp, strict=True)):
+            cross_ab[i], cross_ba[i] = dot(p, lp), dot(lp, p)
+        ra, rb = self.log_other[a], self.log_other[b]
+        kl_ab = self.negentropy[a] - cross_ab.T - self.outside * np.exp(ra) * rb
+        kl_ba = self.negentropy[b] - cross_ba.T - self.outside * np.exp(rb) * ra
+        js = np.concatenate(
+            [self._js(a[s : s + CHUNK_PAIRS], b[s : s + CHUNK_PAIRS]) for s in range(0, n, CHUNK_PAIRS)]
+        )
+        top1 = (self.top1[a] == self.top1[b]).mean(1)
+        spreads = [_spread(np.maximum(v, 0.0)) for v in (kl_ab, kl_ba, js)]
+        return np.concatenate([*spreads, top1[:, None]], axis=1)
+
+    def _js(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n, P) Jensen–Shannon divergences.
+
+        With g(s) = Σ s log s over a position's union tokens, Σ p log p + Σ q log q − 2 Σ m log m
+        (m = (p + q) / 2) is ½ g(2p) + ½ g(2q) − g(p + q): the log 2 terms cancel, one sum and one log
+        per outcome are left, and a signature against itself gives exactly 0.
+        """
+        mix = np.take(self.prob32, a, axis=0)
+        mix += np.take(self.prob32, b, axis=0)
+        union = 0.25 * (self.g_double[a] + self.g_double[b]) - 0.5 * _segment_slogs(mix, self.starts)
+        ra, rb = self.log_other[a], self.log_other[b]
+        rm = np.logaddexp(ra, rb) - np.log(2.0)
+        pooled = self.outside * (0.5 * (np.exp(ra) * ra + np.exp(rb) * rb) - np.exp(rm) * rm)
+        return union + pooled
 
 
-def _sum_last(x: np.ndarray) -> np.ndarray:
-    return x.sum(-1, dtype=np.float64)
-
-
-def _js_terms(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
-    lm = np.logaddexp(lp, lq) - np.log(2.0)
-    return 0.5 * (np.exp(lp) * (lp - lm) + np.exp(lq) * (lq - lm))
+def _segment_slogs(s: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Σ s log s per position segment (float32 in place on `s`, then widened)."""
+    logs = np.log(s)
+    logs *= s
+    return np.add.reduceat(logs, starts, axis=1).astype(np.float64)
 
 
 def _spread(per_position: np.ndarray) -> np.ndarray:
@@ -134,7 +209,7 @@ def _spread(per_position: np.ndarray) -> np.ndarray:
     return np.stack([per_position.mean(1), q[0], q[1]], axis=1)
 
 
-def _hidden_rows(hidden: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _hidden_rows(hidden: np.ndarray) -> dict[str, list[np.ndarray]]:
     m, layers, probes, _ = hidden.shape
     norms = np.linalg.norm(hidden, axis=-1, keepdims=True)
     unit = np.where(norms > 0, hidden / np.where(norms > 0, norms, 1), 0) / np.sqrt(probes)
@@ -144,7 +219,7 @@ def _hidden_rows(hidden: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]
     gram = np.where(fro > 0, gram / np.where(fro > 0, fro, 1), 0)
     cosine_rows = [np.ascontiguousarray(unit[:, i].reshape(m, -1)) for i in range(layers)]
     cka_rows = [np.ascontiguousarray(gram[:, i].reshape(m, -1)) for i in range(layers)]
-    return cosine_rows, cka_rows
+    return {"cosine_rows": cosine_rows, "cka_rows": cka_rows}
 
 
 # ----------------------------------------------------------------------------- structural
@@ -198,25 +273,25 @@ class _StructuralStack:
             identity=np.unique([s.content_hash for s in sigs], return_inverse=True)[1],
         )
 
-    def _group_cos(self, cols: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _group_cos(self, cols: np.ndarray, pairs: _Pairs) -> tuple[np.ndarray, ...]:
+        a, b = pairs.a, pairs.b
         if len(cols) == 0:
             nan = np.full(len(a), np.nan)
             return nan, np.zeros(len(a)), np.zeros(len(a)), np.zeros(len(a))
         x = np.ascontiguousarray(self.x[:, cols])
         self_dot = (x.astype(np.float64) ** 2).sum(1)
-        dot = _pair_dot(x, a, b)
+        dot = pairs.dot(x)
         return _safe_div(dot, np.sqrt(self_dot[a] * self_dot[b])), dot, self_dot[a], self_dot[b]
 
-    def features(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        kinds = [self._group_cos(cols, a, b) for cols in self.kind_cols]
+    def features(self, pairs: _Pairs) -> np.ndarray:
+        a, b = pairs.a, pairs.b
+        kinds = [self._group_cos(cols, pairs) for cols in self.kind_cols]
         dot = sum(k[1] for k in kinds)
         cos = _safe_div(dot, np.sqrt(sum(k[2] for k in kinds) * sum(k[3] for k in kinds)))
-        depths = [self._group_cos(cols, a, b)[0] for cols in self.depth_cols]
-        agree = (
-            self.total - self.nonzero[a] - self.nonzero[b] + _pair_dot(self.sign_rows, a, b)
-        ) / self.total
+        depths = [self._group_cos(cols, pairs)[0] for cols in self.depth_cols]
+        agree = (self.total - self.nonzero[a] - self.nonzero[b] + pairs.dot(self.sign_rows)) / self.total
         overlaps = [
-            _safe_div(_pair_dot(rows, a, b), np.sqrt(sizes[a] * sizes[b]))
+            _safe_div(pairs.dot(rows), np.sqrt(sizes[a] * sizes[b]))
             for rows, sizes in zip(self.mask_rows, self.mask_sizes, strict=True)
         ]
         na, nb = self.norm[a], self.norm[b]
@@ -298,6 +373,13 @@ def pairwise_features(signatures: Sequence[Signature] | Mapping[str, Signature],
     or probes, different base, a missing part) is NaN.
     """
     sigs, index = _as_index(signatures, pairs)
+    # One BLAS thread: most products are small (m × W_p per position), where waking threads costs more
+    # than the work, and on a shared machine even large Grams ran 2-4× faster single-threaded.
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        return _clip_bounded(_pairwise(sigs, index))
+
+
+def _pairwise(sigs: list[Signature], index: np.ndarray) -> np.ndarray:
     out = np.full((len(index), len(feature_names())), np.nan)
     for key, cols, make in (
         (_functional_key, slice(0, N_FUNCTIONAL), _FunctionalStack.of),
@@ -309,8 +391,9 @@ def pairwise_features(signatures: Sequence[Signature] | Mapping[str, Signature],
             a, b = local[index[:, 0]], local[index[:, 1]]
             rows = np.nonzero((a >= 0) & (b >= 0))[0]
             if len(rows):
-                out[rows, cols] = make([sigs[i] for i in members]).features(a[rows], b[rows])
-    return _clip_bounded(out)
+                plan = _Pairs(a[rows], b[rows], len(members))
+                out[rows, cols] = make([sigs[i] for i in members]).features(plan)
+    return out
 
 
 def _clip_bounded(out: np.ndarray) -> np.ndarray:

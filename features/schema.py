@@ -27,7 +27,7 @@ class SignatureConfig:
 
     seed: int = 0
     top_k: int = 8  # next-token log-probs kept per position
-    positions_per_probe: int = 4  # seeded token positions per probe
+    positions_per_probe: int = 2  # seeded token positions per probe
     max_length: int = 64  # probes are truncated to this many tokens
     hidden_width: int = 64  # hidden states are projected (or zero-padded) to this width
     sample_size: int = 8192  # task-vector coordinates sampled per checkpoint (all tensors together)

@@ -22,7 +22,7 @@ from features import (
     pairwise_features,
 )
 from features.functional import checkpoint_functional
-from features.pairwise import _FunctionalStack
+from features.pairwise import _FunctionalStack, _Pairs
 from features.schema import MASK_DENSITIES
 from features.signature import SignaturePart
 from features.structural import allocate_samples, structural_signatures
@@ -230,7 +230,7 @@ def test_compact_divergences_match_a_dense_reference():
     kl_ba = (q * np.log(q / p)).sum(1)
     m = (p + q) / 2
     js = 0.5 * (p * np.log(p / m)).sum(1) + 0.5 * (q * np.log(q / m)).sum(1)
-    got = _FunctionalStack.of(parts).features(np.array([0]), np.array([1]))[0]
+    got = _FunctionalStack.of(parts).features(_Pairs(np.array([0]), np.array([1]), 2))[0]
     expected = [kl_ab.mean(), np.median(kl_ab), np.quantile(kl_ab, 0.9), kl_ba.mean(), np.median(kl_ba)]
     np.testing.assert_allclose(got[:5], expected, rtol=1e-4)
     np.testing.assert_allclose(got[6:9], [js.mean(), np.median(js), np.quantile(js, 0.9)], rtol=1e-4)
