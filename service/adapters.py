@@ -83,16 +83,39 @@ class ModelsSelector:
         return api
 
     def _loaded(self, api: Any) -> tuple[Any, dict[str, Any], Any]:
-        """(predictor, its metadata, pair-feature source), reloaded when the files change."""
+        """(predictor, its metadata, pair-feature source), rebuilt when a file or the catalog changes."""
         directory = api.predictor_dir(self.home)
         watched = (directory / "meta.json", self.pair_features or directory / "meta.json")
-        stamp = (str(directory), *(p.stat().st_mtime_ns if p.exists() else None for p in watched))
+        stamp = (
+            str(directory),
+            *(p.stat().st_mtime_ns if p.exists() else None for p in watched),
+            self._catalog_version() if self.pair_features is None else None,
+        )
         if self._cached is None or self._cached[0] != stamp:
             predictor, meta = api.load_predictor(directory)
-            source = api.home_source(self.home, self.pair_features)
+            source = self._source(api)
             api.check_source(meta, source)
             self._cached = (stamp, predictor, meta, source)
         return self._cached[1], self._cached[2], self._cached[3]
+
+    def _source(self, api: Any) -> Any:
+        """A pair-feature table if configured, else the signature cache with paths from *this* catalog
+        (which may be PostgreSQL, where `models.api.home_source` would look for a SQLite file)."""
+        if self.pair_features is not None:
+            return api.home_source(self.home, self.pair_features)
+        from models.sources import FeaturesPackageSource
+
+        return FeaturesPackageSource(self.home, {e.name: e.path for e in self.catalog.list()})
+
+    def _catalog_version(self) -> tuple[int, int]:
+        from sqlalchemy import func, select
+        from sqlalchemy.orm import Session
+
+        from simmerge.catalog import CheckpointRow
+
+        with Session(self.catalog.engine) as session:
+            count, last = session.execute(select(func.count(), func.max(CheckpointRow.id))).one()
+        return int(count), int(last or 0)
 
     def recommend(
         self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None

@@ -295,3 +295,12 @@ def test_features_job_fills_the_signature_cache(make_settings, ci_zoo: Path) -> 
         assert done["result"]["checkpoints"] == 3  # the experts and their base
         assert client.app.state.store.signed_checkpoints() == {base["name"], *names}
         assert any(Path(done["result"]["directory"]).iterdir())
+        # the recommendation path now reads those cached signatures (shipped predictor, no table)
+        from models.api import DEFAULT_PREDICTOR
+
+        if not (DEFAULT_PREDICTOR / "meta.json").exists():
+            return
+        response = client.post("/v1/recommendations", json={"models": names, "top": 2})
+        assert response.status_code == 200, response.text
+        plans = response.json()["plans"]
+        assert len(plans) == 2 and all(set(p["models"]) <= set(names) for p in plans)
