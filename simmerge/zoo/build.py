@@ -26,7 +26,7 @@ from simmerge.errors import ConflictError, SimMergeError
 from simmerge.evaluation import quiet_hf_progress
 from simmerge.zoo.tasks import LETTERS, TASKS, TaskSpec, make_examples, sample_stream, task_spec, vocabulary
 
-ZOO_VERSION = "2"
+ZOO_VERSION = "3"
 STAMP_FILE = ".simmerge-zoo.json"
 BASE_TASK = "copy"
 MIN_EXPERT_SCORE = 0.9
@@ -59,8 +59,8 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "ci": Recipe(
-        hidden=64, layers=2, heads=4, kv_heads=2, min_len=3, max_len=6, batch_size=32,
-        base_steps=150, expert_steps=250, lr=3e-3, eval_examples=64, probes=32,
+        hidden=64, layers=2, heads=4, kv_heads=2, min_len=3, max_len=5, batch_size=32,
+        base_steps=100, expert_steps=220, lr=3e-3, eval_examples=64, probes=32,
         default_tasks=("copy", "reverse", "shift", "sort", "revshift"),
         experts_per_task=(2, 1), multi_task=0, second_family_tasks=2,
     ),
