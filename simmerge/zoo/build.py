@@ -330,7 +330,7 @@ def _train_and_check(
     result = train(model, tokenizer, draw, steps=run.steps, lr=run.lr, seed=run.seed,
                    batch_size=recipe.batch_size, desc=run.name, progress=progress)  # fmt: skip
     own = [Task(t, tuple(Example(p, c) for p, c in eval_sets[t])) for t in run.tasks]
-    scores = evaluate_model(model, tokenizer, own, "token_accuracy")
+    scores = {t: round(s, 4) for t, s in evaluate_model(model, tokenizer, own, "token_accuracy").items()}
     if run.base is not None:
         failed = {t: s for t, s in scores.items() if s < MIN_EXPERT_SCORE}
         if failed:
@@ -339,6 +339,12 @@ def _train_and_check(
                 f"zoo expert {run.name} reached token_accuracy {score:.3f} < {MIN_EXPERT_SCORE} on its task "
                 f"{task!r} after {run.steps} steps at lr {run.lr:g}"
             )
+    if progress:
+        from tqdm import tqdm
+
+        tqdm.write(
+            f"{run.name}: token accuracy {scores} after {run.steps} steps (loss {result.final_loss:.4f})"
+        )
     run.result = {
         "seed": run.seed,
         "lr": run.lr,
