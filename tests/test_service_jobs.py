@@ -46,6 +46,7 @@ SQLITE_ONLY = {
     "test_bad_input_fails_once_without_retry",
     "test_scoring_and_features_jobs",
     "test_features_job_fills_the_signature_cache",
+    "test_a_clean_stop_requeues_the_running_merge",
 }
 
 
@@ -214,6 +215,21 @@ def test_queued_jobs_run_after_a_restart(make_settings, family) -> None:
         )
         assert replay.status_code == 200 and replay.json()["id"] == queued["id"]
         assert client.get("/v1/merges").json()["total"] == 2
+
+
+def test_a_clean_stop_requeues_the_running_merge(make_settings, family) -> None:
+    with TestClient(create_app(make_settings(worker_step_delay_s=0.2))) as client:
+        register_family(client, family)
+        submitted = submit_merge(client)
+        wait_for(lambda: job(client, submitted["id"])["progress"] > 0.1)
+    # the lifespan stopped the dispatcher: the attempt was killed, refunded and queued again
+    with TestClient(create_app(make_settings(start_jobs=False))) as client:
+        state = job(client, submitted["id"])
+        assert state["status"] == "queued" and state["attempts"] == 0
+        assert leftovers(client.app.state.settings, "soup") == []
+    with TestClient(create_app(make_settings())) as client:
+        done = wait_for(lambda: finished(client, submitted["id"]))
+        assert done["status"] == "succeeded" and done["attempts"] == 1
 
 
 def test_jobs_left_running_by_a_dead_server_are_recovered(make_settings, family) -> None:

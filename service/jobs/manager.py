@@ -48,6 +48,7 @@ class JobManager:
         with self._lock:
             for job_id, handle in list(self.running.items()):
                 handle.kill()
+                self._clean_scratch(job_id)
                 job = self.store.get_job(job_id)
                 self.store.update_job(
                     job_id,
