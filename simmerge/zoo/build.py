@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,30 +116,38 @@ def recipe_for(size: str) -> Recipe:
 
 
 def plan_runs(recipe: Recipe, task_names: Sequence[str], seed: int) -> list[RunSpec]:
-    """Bases then experts, each with its own seed, learning rate and step count."""
+    """Family a: every trainable task's experts and the multi-task expert; family b: a few experts."""
     trainable = [n for n in task_names if TASKS[n].trainable]
-    runs: list[RunSpec] = []
-    for family_index, family in enumerate(("a", "b")):
-        base_name = f"{family}-base"
-        runs.append(RunSpec(base_name, family, [BASE_TASK], _seed(seed, family_index, 0), recipe.lr,
-                            recipe.base_steps))  # fmt: skip
-        family_tasks = trainable if family == "a" else trainable[: recipe.second_family_tasks]
-        counter = 1
-        for position, task in enumerate(family_tasks):
-            variants = recipe.experts_for(position) if family == "a" else 1
-            for variant in range(variants):
-                lr_factor, steps_factor = EXPERT_VARIANTS[variant % len(EXPERT_VARIANTS)]
-                steps = round(recipe.expert_steps * steps_factor * TASKS[task].steps_factor)
-                runs.append(RunSpec(
-                    f"{family}-{task}-{variant + 1}", family, [task], _seed(seed, family_index, counter),
-                    recipe.lr * lr_factor, steps, base_name,
-                ))  # fmt: skip
-                counter += 1
-        if family == "a" and recipe.multi_task and len(trainable) >= 2:
-            mix = trainable[: recipe.multi_task]
-            runs.append(RunSpec(f"{family}-multi", family, mix, _seed(seed, family_index, counter),
-                                recipe.lr, round(sum(recipe.expert_steps * TASKS[t].steps_factor for t in mix)),
-                                base_name))  # fmt: skip
+    runs_a = _family_runs(recipe, "a", 0, trainable, seed, lambda position: recipe.experts_for(position))
+    if recipe.multi_task and len(trainable) >= 2:
+        mix = trainable[: recipe.multi_task]
+        steps = round(sum(recipe.expert_steps * TASKS[t].steps_factor for t in mix))
+        runs_a.append(RunSpec("a-multi", "a", mix, _seed(seed, 0, len(runs_a)), recipe.lr, steps, "a-base"))
+    runs_b = _family_runs(recipe, "b", 1, trainable[: recipe.second_family_tasks], seed, lambda _: 1)
+    return runs_a + runs_b
+
+
+def _family_runs(
+    recipe: Recipe,
+    family: str,
+    index: int,
+    tasks: Sequence[str],
+    seed: int,
+    experts_for: Callable[[int], int],
+) -> list[RunSpec]:
+    """A base, then its experts; experts of one task differ in seed, learning rate and steps."""
+    base = f"{family}-base"
+    runs = [RunSpec(base, family, [BASE_TASK], _seed(seed, index, 0), recipe.lr, recipe.base_steps)]
+    for position, task in enumerate(tasks):
+        for variant in range(experts_for(position)):
+            lr_factor, steps_factor = EXPERT_VARIANTS[variant % len(EXPERT_VARIANTS)]
+            steps = round(recipe.expert_steps * steps_factor * TASKS[task].steps_factor)
+            name = f"{family}-{task}-{variant + 1}"
+            runs.append(
+                RunSpec(
+                    name, family, [task], _seed(seed, index, len(runs)), recipe.lr * lr_factor, steps, base
+                )
+            )
     return runs
 
 
