@@ -9,14 +9,18 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.settings import ServiceSettings
 from service.store import Store
 from simmerge.errors import SimMergeError
 
 SCOPES = ("read", "write", "admin")
+# Declared so /docs offers "Authorize"; the header is checked by `authenticate` (401 in the envelope).
+_BEARER = HTTPBearer(auto_error=False, description="a token from SIMMERGE_TOKENS or POST /v1/tokens")
 _IMPLIES = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
 
 
@@ -78,7 +82,9 @@ def require_scope(scope: str) -> Callable[[Request], str]:
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    def dependency(request: Request) -> str:
+    def dependency(
+        request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
+    ) -> str:
         state = request.app.state
         if scope == "read" and not state.settings.read_requires_auth:
             return "anonymous"
