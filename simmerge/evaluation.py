@@ -180,7 +180,11 @@ def load_model_with_state_dict(
     config = AutoConfig.from_pretrained(Path(checkpoint_dir), local_files_only=True)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    result = model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=False)
+    try:
+        result = model.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()}, strict=False)
+    except RuntimeError as exc:  # a shape that does not fit the config
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"state dict does not fit {checkpoint_dir}'s config: {detail}") from None
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing:
         raise CheckpointError(f"state dict for {checkpoint_dir} lacks tensor {missing[0]!r}")

@@ -132,6 +132,9 @@ def test_state_dict_missing_or_unknown_tensor_is_an_error(tiny_llama_factory):
     missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
         load_model_with_state_dict(directory, missing)
+    wrong = {**state, "model.norm.weight": torch.ones(3)}
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
+        load_model_with_state_dict(directory, wrong)
     with pytest.raises(CheckpointError, match=r"extra\.weight"):
         load_model_with_state_dict(directory, {**state, "extra.weight": torch.zeros(1)})
 
