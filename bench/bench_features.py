@@ -145,7 +145,7 @@ def synthetic_signatures(
     """Signatures with the shapes a 275M Llama and 64 probes give, and some shared structure."""
     rng = np.random.default_rng(seed)
     cfg = DEFAULT_CONFIG
-    positions, k, width = probes * cfg.positions_per_probe, cfg.top_k, cfg.hidden_width
+    positions, k, width = cfg.positions, cfg.top_k, cfg.hidden_width
     candidates = rng.integers(0, vocab, size=(positions, 3 * k))
     base_logits = rng.normal(size=(positions, 3 * k)) * 2
     base_hidden = rng.normal(size=(layers, probes, width)).astype(np.float32)

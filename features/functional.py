@@ -45,11 +45,14 @@ def encode_probes(tokenizer, texts: Sequence[str], max_length: int) -> list[list
 
 
 def probe_positions(encoded: Sequence[Sequence[int]], config: SignatureConfig) -> np.ndarray:
-    """(n, 2) rows of (probe, token index): a seeded choice per probe, fixed by its length."""
+    """(n, 2) rows of (probe, token index): `config.positions` spread evenly over the probes, each
+    probe's a seeded choice fixed by its length (so the divergence cost does not grow with the probes)."""
+    n = len(encoded)
     rows = []
     for j, ids in enumerate(encoded):
+        share = config.positions // n + (j < config.positions % n)
         rng = np.random.default_rng([config.seed, j, len(ids)])
-        chosen = rng.choice(len(ids), size=min(config.positions_per_probe, len(ids)), replace=False)
+        chosen = rng.choice(len(ids), size=min(share, len(ids)), replace=False)
         rows.extend((j, int(p)) for p in sorted(chosen))
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 

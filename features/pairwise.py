@@ -117,6 +117,8 @@ class _FunctionalStack:
     starts: np.ndarray  # (P,) first column of each position's segment in prob32
     log_other: np.ndarray  # (m, P) log-prob of each single token outside the top-k
     outside: np.ndarray  # (P,) tokens outside the union at each position
+    other_prob: np.ndarray  # (m, P) exp(log_other)
+    other_plogp: np.ndarray  # (m, P) exp(log_other) · log_other
     negentropy: np.ndarray  # (m, P) Σ p log p over all outcomes (float64)
     g_double: np.ndarray  # (m, P) Σ 2p log 2p over union tokens, computed exactly as for mixtures
     top1: np.ndarray  # (m, P) most likely token
@@ -150,6 +152,8 @@ class _FunctionalStack:
             starts=starts,
             log_other=log_other,
             outside=outside,
+            other_prob=np.exp(log_other),
+            other_plogp=np.exp(log_other) * log_other,
             negentropy=negentropy,
             g_double=_segment_slogs(prob32 + prob32, starts),
             top1=ids[:, :, 0],
@@ -171,11 +175,9 @@ class _FunctionalStack:
         for i, (p, lp) in enumerate(zip(self.prob, self.logp, strict=True)):
             cross_ab[i], cross_ba[i] = dot(p, lp), dot(lp, p)
         ra, rb = self.log_other[a], self.log_other[b]
-        kl_ab = self.negentropy[a] - cross_ab.T - self.outside * np.exp(ra) * rb
-        kl_ba = self.negentropy[b] - cross_ba.T - self.outside * np.exp(rb) * ra
-        js = np.concatenate(
-            [self._js(a[s : s + CHUNK_PAIRS], b[s : s + CHUNK_PAIRS]) for s in range(0, n, CHUNK_PAIRS)]
-        )
+        kl_ab = self.negentropy[a] - cross_ab.T - self.outside * self.other_prob[a] * rb
+        kl_ba = self.negentropy[b] - cross_ba.T - self.outside * self.other_prob[b] * ra
+        js = self._js(a, b)
         top1 = (self.top1[a] == self.top1[b]).mean(1)
         spreads = [_spread(np.maximum(v, 0.0)) for v in (kl_ab, kl_ba, js)]
         return np.concatenate([*spreads, top1[:, None]], axis=1)
@@ -185,15 +187,39 @@ class _FunctionalStack:
 
         With g(s) = Σ s log s over a position's union tokens, Σ p log p + Σ q log q − 2 Σ m log m
         (m = (p + q) / 2) is ½ g(2p) + ½ g(2q) − g(p + q): the log 2 terms cancel, one sum and one log
-        per outcome are left, and a signature against itself gives exactly 0.
+        per outcome are left, and a signature against itself gives exactly 0. Pairs that share their
+        first member are mixed together, reading the second members' rows as one slice when they are
+        consecutive (all pairs of a catalog), so no row is copied twice.
         """
-        mix = np.take(self.prob32, a, axis=0)
-        mix += np.take(self.prob32, b, axis=0)
-        union = 0.25 * (self.g_double[a] + self.g_double[b]) - 0.5 * _segment_slogs(mix, self.starts)
-        ra, rb = self.log_other[a], self.log_other[b]
-        rm = np.logaddexp(ra, rb) - np.log(2.0)
-        pooled = self.outside * (0.5 * (np.exp(ra) * ra + np.exp(rb) * rb) - np.exp(rm) * rm)
+        mixed = np.empty((len(a), len(self.starts)))
+        buffer = np.empty((min(len(a), CHUNK_PAIRS), self.prob32.shape[1]), dtype=np.float32)
+        for lo, hi in _runs(a, CHUNK_PAIRS):
+            bs = b[lo:hi]
+            rows = self.prob32[bs[0] : bs[-1] + 1] if _consecutive(bs) else self.prob32[bs]
+            mix = np.add(rows, self.prob32[a[lo]], out=buffer[: hi - lo])
+            mixed[lo:hi] = _segment_slogs(mix, self.starts)
+        union = 0.25 * (self.g_double[a] + self.g_double[b]) - 0.5 * mixed
+        half = 0.5 * (self.other_prob[a] + self.other_prob[b])
+        pooled = self.outside * (0.5 * (self.other_plogp[a] + self.other_plogp[b]) - half * np.log(half))
         return union + pooled
+
+
+def _runs(a: np.ndarray, longest: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of equal consecutive values of `a`, none longer than `longest`."""
+    edges = np.flatnonzero(np.diff(a)) + 1
+    bounds = np.concatenate([[0], edges, [len(a)]])
+    runs = []
+    for lo, hi in pairwise(bounds.tolist()):
+        runs.extend((s, min(s + longest, hi)) for s in range(lo, hi, longest))
+    return runs
+
+
+def _consecutive(values: np.ndarray) -> bool:
+    return (
+        len(values) > 0
+        and int(values[-1]) - int(values[0]) == len(values) - 1
+        and bool((np.diff(values) == 1).all())
+    )
 
 
 def _segment_slogs(s: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -204,8 +230,9 @@ def _segment_slogs(s: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def _spread(per_position: np.ndarray) -> np.ndarray:
-    """(n, P) → (n, 3): mean, median, 90th percentile over positions."""
-    q = np.quantile(per_position, [0.5, 0.9], axis=1)
+    """(n, P) → (n, 3): mean, median, 90th percentile over positions (quantiles in float32: 2× faster
+    and far below the estimates' noise)."""
+    q = np.quantile(per_position.astype(np.float32), [0.5, 0.9], axis=1)
     return np.stack([per_position.mean(1), q[0], q[1]], axis=1)
 
 

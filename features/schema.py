@@ -27,7 +27,7 @@ class SignatureConfig:
 
     seed: int = 0
     top_k: int = 8  # next-token log-probs kept per position
-    positions_per_probe: int = 2  # seeded token positions per probe
+    positions: int = 64  # seeded token positions, spread evenly over the probes (fixed divergence cost)
     max_length: int = 64  # probes are truncated to this many tokens
     hidden_width: int = 64  # hidden states are projected (or zero-padded) to this width
     sample_size: int = 8192  # task-vector coordinates sampled per checkpoint (all tensors together)
@@ -38,9 +38,7 @@ class SignatureConfig:
         return asdict(self)
 
     def functional_key(self) -> str:
-        return (
-            f"k{self.top_k}-p{self.positions_per_probe}-l{self.max_length}-w{self.hidden_width}-s{self.seed}"
-        )
+        return f"k{self.top_k}-p{self.positions}-l{self.max_length}-w{self.hidden_width}-s{self.seed}"
 
     def structural_key(self) -> str:
         return f"n{self.sample_size}-m{self.min_per_tensor}-q{self.quantile_sample}-s{self.seed}"
