@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     lines += [
         "",
         f"Load average when finished: {load:.1f} on {os.cpu_count()} cores. The machine is shared by several "
-        "processes, so wall time follows the load (59 s, 73 s and 102 s for 1000 checkpoints in three runs on "
-        "the day); CPU seconds (all threads) are the steadier figure.",
+        "processes, so wall time follows the load (59 s to 141 s for 1000 checkpoints over four runs on the day); "
+        "CPU seconds (all threads) are the steadier figure.",
     ]
     text = "\n".join(lines)
     print(text)
