@@ -90,7 +90,11 @@ def run_merge_job(ctx: JobContext) -> dict[str, Any]:
     final.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(final)
     base = plan.output.base_model if plan.output.base_model and catalog.has(plan.output.base_model) else None
-    entry = catalog.add(final, name, base=base, plan=plan.to_dict(), tags={"merge_job": ctx.job_id})
+    try:
+        entry = catalog.add(final, name, base=base, plan=plan.to_dict(), tags={"merge_job": ctx.job_id})
+    except Exception:  # an output that cannot be registered must not linger at the output path
+        shutil.rmtree(final, ignore_errors=True)
+        raise
     shutil.rmtree(ctx.scratch, ignore_errors=True)
     return {"checkpoint": name, "path": str(entry.path), "content_hash": entry.content_hash}
 
