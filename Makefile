@@ -10,7 +10,8 @@ DEMO_HOME ?= $(CURDIR)/.cache/demo-home
 DEMO_ZOO ?= $(CURDIR)/.cache/zoo-ci-0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test lint format bench bench-merge bench-features labels predictor clean
+.PHONY: venv demo test lint format bench bench-merge bench-features bench-service bench-selection \
+	bench-bandit bench-score-catalog labels labels-ci labels-holdout predictor clean
 
 venv: $(STAMP)
 
@@ -51,6 +52,34 @@ LABEL_WORKERS ?= $(shell nproc)
 labels: venv
 	$(BIN)/simmerge zoo build $(LABEL_ZOO) --size full --seed 0 --no-progress
 	$(BIN)/python -m bench.headroom --zoo $(LABEL_ZOO) --labels $(LABELS) --workers $(LABEL_WORKERS)
+
+# Small labelled catalogs for the selector benchmarks: the ci zoo, and a held-out catalog built
+# with another seed and another task subset.
+CI_ZOO ?= $(CURDIR)/.cache/zoo-ci-0
+CI_LABELS ?= $(CURDIR)/.cache/labels-ci-0.parquet
+HOLDOUT_ZOO ?= $(CURDIR)/.cache/zoo-ci-1
+HOLDOUT_LABELS ?= $(CURDIR)/.cache/labels-ci-1.parquet
+
+labels-ci: venv
+	$(BIN)/simmerge zoo build $(CI_ZOO) --size ci --seed 0 --no-progress
+	$(BIN)/simmerge label --zoo $(CI_ZOO) --out $(CI_LABELS) --no-progress
+
+labels-holdout: venv
+	$(BIN)/simmerge zoo build $(HOLDOUT_ZOO) --size ci --seed 1 --tasks rotate,swap,inc --no-progress
+	$(BIN)/simmerge label --zoo $(HOLDOUT_ZOO) --out $(HOLDOUT_LABELS) --no-progress
+
+# Rebuild the predictor shipped in models/default (full-zoo labels when present, else the ci ones).
+predictor: labels-ci
+	$(BIN)/python -m models.build_default --labels $(LABELS) --labels $(CI_LABELS) --home $(DEMO_HOME)
+
+bench-selection: labels-ci labels-holdout
+	$(BIN)/python -m bench.bench_selection --labels $(CI_LABELS) --holdout-labels $(HOLDOUT_LABELS) --home $(DEMO_HOME)
+
+bench-bandit: labels-ci
+	$(BIN)/python -m bench.bench_bandit --labels $(CI_LABELS) --home $(DEMO_HOME)
+
+bench-score-catalog: venv
+	$(BIN)/python -m bench.bench_score_catalog
 
 clean:
 	rm -rf .cache .pytest_cache .ruff_cache
