@@ -28,7 +28,7 @@ from features import Signature, pairwise_features
 from features.functional import functional_signature
 from features.schema import DEFAULT_CONFIG, KINDS, QUANTILE_LEVELS
 from features.signature import SignaturePart
-from features.structural import allocate_samples, read_tensor, structural_signatures
+from features.structural import allocate_samples, structural_signatures
 from simmerge.checkpoint import Checkpoint
 
 SIZES = {"30M": (512, 8, 8192), "275M": (1024, 18, 32000)}  # hidden, layers, vocab
@@ -88,7 +88,6 @@ def structural_cost(base_dir: Path, expert_dirs: list[Path], repeats: int) -> di
     for ckpt in (base, *experts):
         read_all(ckpt)  # warm the page cache: the floor and the pass then read from memory alike
     floor = best_of(repeats, lambda: read_all(experts[0]))
-    as_float = best_of(repeats, lambda: [read_tensor(experts[0], n) for n in experts[0].names()])
     family = best_of(repeats, lambda: structural_signatures(base, experts, "b", DEFAULT_CONFIG))
     single = best_of(
         repeats, lambda: structural_signatures(base, experts[:1], "b", DEFAULT_CONFIG, include_base=False)
@@ -98,7 +97,6 @@ def structural_cost(base_dir: Path, expert_dirs: list[Path], repeats: int) -> di
         "params": sum(t.numel for t in base.tensors.values()),
         "weight_bytes": base.weight_bytes,
         "floor": floor,
-        "read_as_float32": as_float,
         "per_checkpoint": family / (len(experts) + 1),
         "family_size": len(experts) + 1,
         "single": single,
@@ -177,7 +175,6 @@ def synthetic_signatures(
             "depths": (np.arange(n_tensors) % 3).astype(np.int8),
             "sq_norm": (numel * 1e-6).astype(np.float64),
             "base_sq_norm": numel.astype(np.float64) * 1e-2,
-            "absmax": np.full(n_tensors, 0.01, dtype=np.float32),
             "quantiles": quantiles,
             "sample": sample,
         }

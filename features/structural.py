@@ -12,8 +12,9 @@ full-tensor sums.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,10 +29,56 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-def read_tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
-    """The one place weights are read: a flat float32 tensor (a fresh buffer the caller may modify)."""
-    tensor = checkpoint.read(name)
-    return tensor.reshape(-1).to(torch.float32)
+CHUNK_ELEMENTS = 1 << 18  # per read: small enough to stay in cache while it is widened and reduced
+
+
+def read_chunks(
+    checkpoint: Checkpoint, name: str, chunk: int = CHUNK_ELEMENTS
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The one place weights are read: (first element, float32 values) chunk by chunk.
+
+    Each chunk is one pread of the tensor's byte range (from the checkpoint's safetensors header) into
+    a reused buffer, widened to float32 in place of a full-tensor conversion: bf16 by a 16-bit shift,
+    which costs less than torch's conversion here and keeps the pass close to one read. The yielded
+    array is reused for the next chunk; the caller may modify it.
+    """
+    chunk = chunk or CHUNK_ELEMENTS
+    info = checkpoint.info(name)
+    if info.dtype not in _WIDEN:
+        yield 0, checkpoint.read(name).reshape(-1).to(torch.float32).numpy()
+        return
+    source = _WIDEN[info.dtype]
+    raw = bytearray(min(chunk, max(info.numel, 1)) * source.itemsize)
+    wide = np.empty(len(raw) // source.itemsize, dtype=np.float32)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        for start in range(0, info.numel, chunk):
+            count = min(chunk, info.numel - start)
+            view = memoryview(raw)[: count * source.itemsize]
+            _pread(fd, view, info.start + start * source.itemsize, info.file)
+            values = np.frombuffer(view, dtype=source)
+            if info.dtype == "BF16":
+                np.left_shift(values, 16, out=wide[:count].view(np.uint32), dtype=np.uint32)
+                yield start, wide[:count]
+            elif info.dtype == "F32":
+                yield start, values
+            else:
+                wide[:count] = values.astype(np.float32, copy=False)
+                yield start, wide[:count]
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, buffer: memoryview, offset: int, path) -> None:
+    done = 0
+    while done < len(buffer):  # one preadv may return fewer bytes than asked
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise SimMergeError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+_WIDEN = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 
 
 def tensor_kind(name: str) -> int:
@@ -117,23 +164,47 @@ class Layout:
 
 
 class _Accumulator:
-    """Per-checkpoint arrays filled tensor by tensor."""
+    """Per-checkpoint arrays filled chunk by chunk."""
 
     def __init__(self, layout: Layout) -> None:
         n = len(layout.names)
         self.sq_norm = np.zeros(n, dtype=np.float64)
-        self.absmax = np.zeros(n, dtype=np.float32)
         self.quantiles = np.zeros((n, len(QUANTILE_LEVELS)), dtype=np.float32)
         self.sample = np.zeros(sum(layout.counts), dtype=np.float32)
+        self.magnitudes = np.zeros(0, dtype=np.float32)
 
-    def add(self, i: int, offset: int, tau: torch.Tensor, idx: torch.Tensor, qidx: torch.Tensor) -> None:
-        self.sq_norm[i] = float(torch.dot(tau, tau))
-        low, high = torch.aminmax(tau)
-        self.absmax[i] = max(-float(low), float(high))
-        count = idx.numel()
-        self.sample[offset : offset + count] = tau[idx].numpy()
-        levels = torch.tensor(QUANTILE_LEVELS, dtype=torch.float32)
-        self.quantiles[i] = torch.quantile(tau[qidx].abs(), levels).numpy()
+    def start_tensor(self, qcount: int) -> None:
+        self.magnitudes = np.zeros(qcount, dtype=np.float32)
+
+    def add_chunk(self, i: int, start: int, tau: np.ndarray, picks: _Picks) -> None:
+        self.sq_norm[i] += float(np.dot(tau, tau))
+        lo, hi, local = picks.sample(start, len(tau))
+        self.sample[picks.offset + lo : picks.offset + hi] = tau[local]
+        lo, hi, local = picks.quantile(start, len(tau))
+        self.magnitudes[lo:hi] = np.abs(tau[local])
+
+    def end_tensor(self, i: int) -> None:
+        self.quantiles[i] = np.quantile(self.magnitudes, QUANTILE_LEVELS)
+
+
+@dataclass
+class _Picks:
+    """A tensor's sampled and quantile coordinates, served chunk by chunk."""
+
+    indices: np.ndarray
+    qindices: np.ndarray
+    offset: int  # where this tensor's samples start in the signature's sample vector
+
+    def sample(self, start: int, count: int) -> tuple[int, int, np.ndarray]:
+        return self._within(self.indices, start, count)
+
+    def quantile(self, start: int, count: int) -> tuple[int, int, np.ndarray]:
+        return self._within(self.qindices, start, count)
+
+    @staticmethod
+    def _within(indices: np.ndarray, start: int, count: int) -> tuple[int, int, np.ndarray]:
+        lo, hi = np.searchsorted(indices, [start, start + count])
+        return int(lo), int(hi), indices[lo:hi] - start
 
 
 def structural_signatures(
@@ -146,7 +217,8 @@ def structural_signatures(
 ) -> list[SignaturePart]:
     """Structural parts for `experts` (then the base itself, zero task vector, if `include_base`).
 
-    One streaming pass: for each tensor name, the base tensor is read once and each expert's beside it.
+    One streaming pass: tensor by tensor and chunk by chunk, the base's chunk is read once and each
+    expert's chunk beside it, so memory is a few chunks and the base's read is shared by its experts.
     """
     layout = Layout.of(base, config)
     for expert in experts:
@@ -155,16 +227,25 @@ def structural_signatures(
     base_sq = np.zeros(len(layout.names), dtype=np.float64)
     offset = 0
     for i, (name, shape, count) in enumerate(zip(layout.names, layout.shapes, layout.counts, strict=True)):
-        idx = torch.from_numpy(sample_indices(config.seed, name, shape, count))
         qcount = min(config.quantile_sample, base.tensors[name].numel)
-        qidx = torch.from_numpy(sample_indices(config.seed, name, shape, qcount, salt="quantiles"))
-        base_tensor = read_tensor(base, name)
-        base_sq[i] = float(torch.dot(base_tensor, base_tensor))
-        for expert, acc in zip(experts, accs, strict=True):
-            tau = read_tensor(expert, name)
-            tau.sub_(base_tensor)
-            acc.add(i, offset, tau, idx, qidx)
-            del tau
+        picks = _Picks(
+            sample_indices(config.seed, name, shape, count),
+            sample_indices(config.seed, name, shape, qcount, salt="quantiles"),
+            offset,
+        )
+        streams = [read_chunks(expert, name) for expert in experts]
+        for acc in accs:
+            acc.start_tensor(qcount)
+        for start, base_values in read_chunks(base, name):
+            base_sq[i] += float(np.dot(base_values, base_values))
+            for stream, acc in zip(streams, accs, strict=True):
+                expert_start, tau = next(stream)
+                if expert_start != start:
+                    raise SimMergeError(f"tensor {name!r} is not read in step with its base")
+                np.subtract(tau, base_values, out=tau)
+                acc.add_chunk(i, start, tau, picks)
+        for acc in accs:
+            acc.end_tensor(i)
         offset += count
         if on_tensor is not None:
             on_tensor()
@@ -185,7 +266,6 @@ def _part(
         "depths": layout.depths,
         "sq_norm": acc.sq_norm,
         "base_sq_norm": base_sq,
-        "absmax": acc.absmax,
         "quantiles": acc.quantiles,
         "sample": acc.sample,
     }

@@ -165,6 +165,25 @@ def test_sampled_estimates_match_exact_statistics_on_tiny_llamas(family):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_chunked_streaming_matches_whole_tensors(tiny_llama_factory, tmp_path, monkeypatch, dtype):
+    import features.structural
+
+    base = tiny_llama_factory("b", seed=0, dtype=dtype, hidden=64)
+    expert = write_variant(base, tmp_path / "e", lambda n, t: (t.float() + noise(n, t.shape, 3)).to(dtype))
+    read = lambda: structural_signatures(Checkpoint.open(base), [Checkpoint.open(expert)], "b", SMALL)[0]  # noqa: E731
+    whole = read()
+    monkeypatch.setattr(features.structural, "CHUNK_ELEMENTS", 1000)  # every tensor spans many chunks
+    chunked = read()
+    np.testing.assert_array_equal(whole["sample"], chunked["sample"])
+    np.testing.assert_array_equal(whole["quantiles"], chunked["quantiles"])
+    np.testing.assert_allclose(whole["sq_norm"], chunked["sq_norm"], rtol=1e-5)
+    tb, te = load_file(base / "model.safetensors"), load_file(expert / "model.safetensors")
+    names = Checkpoint.open(base).names()
+    exact = [float(((te[n].float() - tb[n].float()) ** 2).sum()) for n in names]
+    np.testing.assert_allclose(chunked["sq_norm"], exact, rtol=1e-4)
+
+
 def test_sampled_estimates_match_exact_statistics_on_the_ci_zoo(ci_zoo):
     manifest = json.loads((ci_zoo / "catalog.json").read_text())
     rows = {r["name"]: ci_zoo / r["path"] for r in manifest["checkpoints"]}
@@ -280,17 +299,17 @@ def test_second_run_reads_only_what_changed(family, tmp_path, monkeypatch):
     import features.structural
 
     reads = {"tensors": 0, "forward": 0}
-    read_tensor, forward = features.structural.read_tensor, features.functional.checkpoint_functional
+    read_chunks, forward = features.structural.read_chunks, features.functional.checkpoint_functional
 
     def counting_read(*args, **kwargs):
         reads["tensors"] += 1
-        return read_tensor(*args, **kwargs)
+        return read_chunks(*args, **kwargs)
 
     def counting_forward(*args, **kwargs):
         reads["forward"] += 1
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(features.structural, "read_tensor", counting_read)
+    monkeypatch.setattr(features.structural, "read_chunks", counting_read)
     monkeypatch.setattr(features.functional, "checkpoint_functional", counting_forward)
     home = tmp_path / "home"
     paths = {"base": family["base"], "expert": family["expert"], "related": family["related"]}
