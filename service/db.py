@@ -44,6 +44,9 @@ class Job(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_pid: Mapped[int | None] = mapped_column(Integer, default=None)
+    # The dispatcher running the job and its last word: a stale lease means that dispatcher is gone.
+    owner: Mapped[str | None] = mapped_column(String(32), default=None)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)

@@ -50,6 +50,8 @@ class ServiceSettings(BaseSettings):
     max_job_attempts: int = 3
     max_concurrent_jobs: int = 1
     job_poll_interval_s: float = 0.2
+    # A running job whose dispatcher has not renewed its lease for this long is taken over.
+    job_lease_s: float = 30.0
     merge_device: str = "auto"  # "auto": cuda when available, else cpu
     ray_address: str | None = None
     ray_num_gpus: float = 1.0

@@ -5,6 +5,7 @@ Both the server and its job workers use it, each with their own engine on the sa
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import uuid
@@ -15,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -148,8 +149,8 @@ class Store:
             rows = session.scalars(select(Job).where(Job.status.in_(statuses)).order_by(Job.created_at)).all()
         return list(rows)
 
-    def claim_next_job(self, kinds: Sequence[str] | None = None) -> Job | None:
-        """Atomically move the oldest queued job to running and count the attempt."""
+    def claim_next_job(self, owner: str | None = None, kinds: Sequence[str] | None = None) -> Job | None:
+        """Atomically move the oldest queued job to running under `owner`'s lease; count the attempt."""
         for candidate in self.jobs_with_status("queued"):
             if kinds is not None and candidate.kind not in kinds:
                 continue
@@ -165,11 +166,31 @@ class Store:
                         updated_at=now,
                         worker_pid=None,
                         progress=0.0,
+                        owner=owner,
+                        heartbeat_at=now,
                     )
                 ).rowcount
             if claimed:
                 return self.get_job(candidate.id)
         return None
+
+    def heartbeat(self, owner: str) -> None:
+        """Renew the lease on every job `owner` is running."""
+        with self.session() as session:
+            session.execute(
+                update(Job).where(Job.owner == owner, Job.status == "running").values(heartbeat_at=utcnow())
+            )
+
+    def orphaned_jobs(self, owner: str, lease_s: float) -> list[Job]:
+        """Running jobs of another dispatcher whose lease lapsed (or that never had one)."""
+        stale_before = utcnow() - dt.timedelta(seconds=lease_s)
+        query = select(Job).where(
+            Job.status == "running",
+            or_(Job.owner.is_(None), Job.owner != owner),
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
+        )
+        with self.session() as session:
+            return list(session.scalars(query.order_by(Job.created_at)).all())
 
     def update_job(self, job_id: str, *, only_if_status: Sequence[str] | None = None, **values: Any) -> bool:
         """Set fields on a job; with `only_if_status`, only while it is in one of those states."""

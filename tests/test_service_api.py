@@ -118,7 +118,7 @@ def test_migrations_keep_separate_histories(app_parts) -> None:
     with engine.connect() as conn:
         assert (
             conn.execute(text("SELECT version_num FROM simmerge_service_version")).scalar()
-            == "0001_service_tables"
+            == "0002_job_leases"
         )
 
 

@@ -18,8 +18,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from service.app import create_app
-from service.db import Job
+from service.db import Job, utcnow
 from service.settings import ServiceSettings
+from service.store import Store
 from simmerge.checkpoint import Checkpoint
 from simmerge.engine import run_merge
 from simmerge.plan import Plan
@@ -47,6 +48,7 @@ SQLITE_ONLY = {
     "test_scoring_and_features_jobs",
     "test_features_job_fills_the_signature_cache",
     "test_a_clean_stop_requeues_the_running_merge",
+    "test_a_live_servers_job_is_left_alone_until_its_lease_lapses",
 }
 
 
@@ -250,6 +252,26 @@ def test_jobs_left_running_by_a_dead_server_are_recovered(make_settings, family)
         done = wait_for(lambda: finished(client, submitted["id"]))
         assert done["status"] == "succeeded" and done["attempts"] == 2
         assert leftovers(client.app.state.settings, "soup") == []
+
+
+def test_a_live_servers_job_is_left_alone_until_its_lease_lapses(make_settings, family) -> None:
+    settings = make_settings(start_jobs=False)
+    with TestClient(create_app(settings)) as client:
+        register_family(client, family)
+        submitted = submit_merge(client)
+    store = Store(settings.db_url)
+    with store.session() as session:  # another server claimed it and is renewing its lease
+        session.execute(
+            update(Job)
+            .where(Job.id == submitted["id"])
+            .values(status="running", attempts=1, owner="other-server", heartbeat_at=utcnow())
+        )
+    store.dispose()
+    with TestClient(create_app(make_settings(job_lease_s=6.0))) as client:
+        assert job(client, submitted["id"])["status"] == "running"  # not taken over at start
+        done = wait_for(lambda: finished(client, submitted["id"]))  # ...but once the lease lapses
+        assert done["status"] == "succeeded" and done["attempts"] == 2
+        assert client.app.state.store.get_job(submitted["id"]).owner == client.app.state.jobs.owner
 
 
 def test_bad_input_fails_once_without_retry(make_settings, family) -> None:

@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import threading
+import time
+import uuid
 from pathlib import Path
 
 from service.jobs.base import JobBackend, JobHandle, make_backend
@@ -32,6 +34,8 @@ class JobManager:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.owner = uuid.uuid4().hex
+        self._last_recovery = 0.0
 
     # ---- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -66,20 +70,31 @@ class JobManager:
         self._wake.set()
 
     def recover(self) -> None:
-        """Jobs a previous server left `running` lost their dispatcher: stop strays and retry them."""
-        for job in self.store.jobs_with_status("running"):
+        """Running jobs whose dispatcher's lease lapsed (a server that died): stop strays, retry them.
+
+        Run at start and then every few seconds, so a job is taken over even when its server dies
+        while this one is up; a live server's jobs are left alone because it keeps renewing.
+        """
+        self._last_recovery = time.monotonic()
+        for job in self.store.orphaned_jobs(self.owner, self.settings.job_lease_s):
             if job.worker_pid:
                 _kill_stray_worker(job.worker_pid, job.id)
             self._clean_scratch(job.id)
             if job.cancel_requested:
                 self._finish_cancel(job.id, job.kind, job.request)
             elif job.attempts >= job.max_attempts:
-                self.store.update_job(job.id, status="failed", error="worker lost when the server stopped")
+                self.store.update_job(
+                    job.id, only_if_status=["running"], status="failed", error="worker lost with its server"
+                )
             else:
                 self.store.update_job(
-                    job.id, status="queued", message="requeued after restart", worker_pid=None
+                    job.id,
+                    only_if_status=["running"],
+                    status="queued",
+                    message="requeued: its server stopped renewing the lease",
+                    worker_pid=None,
                 )
-                log.info("job %s requeued after restart", job.id)
+                log.info("job %s requeued: lease lapsed", job.id)
 
     # ---- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -93,13 +108,16 @@ class JobManager:
 
     def tick(self) -> None:
         with self._lock:
+            self.store.heartbeat(self.owner)
+            if time.monotonic() - self._last_recovery > self.settings.job_lease_s / 3:
+                self.recover()
             self._reap()
             self._cancel_requested()
             self._launch()
 
     def _launch(self) -> None:
         while len(self.running) < self.settings.max_concurrent_jobs and not self._stop.is_set():
-            job = self.store.claim_next_job()
+            job = self.store.claim_next_job(self.owner)
             if job is None:
                 return
             try:
