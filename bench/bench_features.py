@@ -201,6 +201,64 @@ def pairwise_cost(m: int) -> dict[str, float]:
     return {"checkpoints": m, "pairs": len(pairs), "seconds": elapsed, "bytes": sigs[0].nbytes}
 
 
+# ----------------------------------------------------------------------------- signal
+
+
+def feature_signal(labels_path: Path, zoo: Path | None, work: Path) -> tuple[str, str]:
+    """Spearman of each pair feature with the held-in score, per operator family, over zoo pairs.
+
+    A pair's score for a family is its mean held-in score over that family's settings (slerp keeps
+    both orders as separate pairs, since it is asymmetric). Returns (markdown body, zoo path).
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from scipy.stats import spearmanr
+
+    from features import compute_signatures, feature_names, load_signature
+
+    table = pq.read_table(labels_path)
+    meta = json.loads(table.schema.metadata[b"simmerge.labels"])
+    zoo = Path(zoo or meta["zoo"])
+    manifest = json.loads((zoo / "catalog.json").read_text())["checkpoints"]
+    paths = {c["name"]: zoo / c["path"] for c in manifest}
+    home = work / f"signal-home-{zoo.name}"
+    compute_signatures(
+        paths, {c["name"]: c.get("base") for c in manifest}, zoo / "probes.jsonl", home, progress=False
+    )
+    sigs = {n: load_signature(home, p, name=n, compute=False) for n, p in paths.items()}
+    labels = table.to_pandas()
+    labels = labels[(labels["kind"] == "pair") & labels["held_in_score"].notna()]
+    scores = labels.groupby(["model_a", "model_b", "method"], as_index=False)["held_in_score"].mean()
+    names = feature_names()
+    methods = sorted(scores["method"].unique())
+    rho = pd.DataFrame(index=names, columns=methods, dtype=float)
+    counts = {}
+    for method in methods:
+        rows = scores[scores["method"] == method]
+        features = pairwise_features(sigs, list(zip(rows["model_a"], rows["model_b"], strict=True)))
+        counts[method] = len(rows)
+        for j, name in enumerate(names):
+            column = features[:, j]
+            ok = np.isfinite(column)
+            if ok.sum() >= 4 and np.ptp(column[ok]) > 0:
+                rho.loc[name, method] = spearmanr(column[ok], rows["held_in_score"].to_numpy()[ok])[0]
+    rho["mean |ρ|"] = rho[methods].abs().mean(axis=1)
+    rho = rho.sort_values("mean |ρ|", ascending=False)
+    header = "| feature | " + " | ".join(f"{m} (n={counts[m]})" for m in methods) + " | mean \\|ρ\\| |"
+    lines = [
+        f"Labels: `{labels_path}` ({len(labels)} pair rows, {scores[['model_a', 'model_b']].drop_duplicates().shape[0]} "
+        f"ordered pairs) on zoo `{zoo}`. Spearman ρ between each feature and the pair's mean normalised held-in "
+        "score per operator family (over that family's settings). Small n: read as a first look, not a result.",
+        "",
+        header,
+        "| --- " * (len(methods) + 2) + "|",
+    ]
+    for name, row in rho.iterrows():
+        cells = " | ".join("—" if not np.isfinite(row[m]) else f"{row[m]:+.2f}" for m in methods)
+        lines.append(f"| {name} | {cells} | {row['mean |ρ|']:.2f} |")
+    return "\n".join(lines), str(zoo)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -217,8 +275,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None, help="Also write the raw figures here.")
     parser.add_argument("--no-report", action="store_true", help="Do not touch BENCHMARKS.md.")
+    parser.add_argument(
+        "--signal", type=Path, default=None, help="labels.parquet: only the feature-signal table."
+    )
+    parser.add_argument(
+        "--zoo", type=Path, default=None, help="The zoo of --signal [default: from its metadata]."
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.signal is not None:
+        body, _ = feature_signal(args.signal, args.zoo, args.work)
+        print(body)
+        if not args.no_report:
+            command = f"python -m bench.bench_features --signal {args.signal}"
+            write_section("feature-signal", "Feature signal: Spearman with held-in score", command, body)
+        return
     results: dict[str, object] = {"threads": torch.get_num_threads(), "device": args.device, "sizes": {}}
     for size in [s for s in args.sizes.split(",") if s]:
         base, experts = make_family(args.work, size, args.experts)
