@@ -316,8 +316,10 @@ def test_second_run_reads_only_what_changed(family, tmp_path, monkeypatch):
     bases = {"base": None, "expert": "base", "related": "base"}
     probes = tmp_path / "probes.jsonl"
     probes.write_text("".join(json.dumps({"text": t}) + "\n" for t in PROBES))
-    first = compute_signatures(paths, bases, probes, home, progress=False)
+    reported: list[float] = []
+    first = compute_signatures(paths, bases, probes, home, progress=lambda f, _msg: reported.append(f))
     assert (first["computed_functional"], first["computed_structural"]) == (3, 3)
+    assert len(reported) == 6 and reported == sorted(reported) and reported[-1] == 1.0
     assert reads["forward"] == 3 and reads["tensors"] > 0
     reads.update(tensors=0, forward=0)
     second = compute_signatures(paths, bases, probes, home, progress=False)
@@ -348,5 +350,12 @@ def test_cli_fills_the_cache_for_a_zoo(ci_zoo, tmp_path):
         cli, ["--home", str(home), "features", "--zoo", str(ci_zoo), "--no-progress", "--json"]
     )
     assert json.loads(again.output)["cached"] == 2 * n
+    from simmerge.catalog import Catalog
+
+    with Catalog.open(home) as catalog:  # the home catalog path: same checkpoints, all cached
+        catalog.import_zoo(ci_zoo)
+    from_catalog = runner.invoke(cli, ["--home", str(home), "features", "--no-progress", "--json"])
+    assert from_catalog.exit_code == 0, from_catalog.output
+    assert json.loads(from_catalog.output)["cached"] == 2 * n
     missing = runner.invoke(cli, ["--home", str(tmp_path / "none"), "features", "--no-progress"])
     assert isinstance(missing.exception, SimMergeError) and "no catalog" in str(missing.exception)
