@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,mergekit]'
+	$(PIP) -e '.[dev,mergekit,ray]'
 	touch $@
 
 demo: venv
@@ -37,8 +37,13 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: bench-merge
+# Every benchmark (each writes its own section of BENCHMARKS.md), then the slow tests.
+bench: bench-merge bench-features bench-service bench-selection bench-bandit bench-score-catalog
 	$(BIN)/pytest -q -m slow
+
+bench-service: venv
+	$(PIP) -e '.[bench]'
+	$(BIN)/python -m bench.bench_service
 
 bench-merge: venv
 	$(PIP) -e '.[bench]'
