@@ -16,7 +16,8 @@ from simmerge.errors import NotFoundError
     "--probes",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Probe set (JSON Lines of {\"text\"}) [default: the home's last one, else the zoo's].",
+    help='Probe set (JSON Lines of {"text"}) [default: with --zoo its probes.jsonl; else the home\'s '
+    "last probe set, else a zoo's beside the checkpoints, else a small built-in set].",
 )
 @click.option(
     "--zoo",
