@@ -29,11 +29,26 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-CHUNK_ELEMENTS = 1 << 18  # per read: small enough to stay in cache while it is widened and reduced
+CHUNK_ELEMENTS = 1 << 18  # per read (1 MB as float32): stays in cache while widened and reduced
+
+
+class ChunkBuffers:
+    """Read and widen buffers reused across tensors (fresh ones would cost a page fault per 4 KB)."""
+
+    def __init__(self) -> None:
+        self.raw = bytearray(0)
+        self.wide = np.empty(0, dtype=np.float32)
+
+    def get(self, nbytes: int, count: int) -> tuple[bytearray, np.ndarray]:
+        if len(self.raw) < nbytes:
+            self.raw = bytearray(nbytes)
+        if len(self.wide) < count:
+            self.wide = np.empty(count, dtype=np.float32)
+        return self.raw, self.wide
 
 
 def read_chunks(
-    checkpoint: Checkpoint, name: str, chunk: int = CHUNK_ELEMENTS
+    checkpoint: Checkpoint, name: str, buffers: ChunkBuffers | None = None, chunk: int | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """The one place weights are read: (first element, float32 values) chunk by chunk.
 
@@ -48,8 +63,8 @@ def read_chunks(
         yield 0, checkpoint.read(name).reshape(-1).to(torch.float32).numpy()
         return
     source = _WIDEN[info.dtype]
-    raw = bytearray(min(chunk, max(info.numel, 1)) * source.itemsize)
-    wide = np.empty(len(raw) // source.itemsize, dtype=np.float32)
+    size = min(chunk, max(info.numel, 1))
+    raw, wide = (buffers or ChunkBuffers()).get(size * source.itemsize, size)
     fd = os.open(info.file, os.O_RDONLY)
     try:
         for start in range(0, info.numel, chunk):
@@ -224,6 +239,7 @@ def structural_signatures(
     for expert in experts:
         check_compatible([base, expert])
     accs = [_Accumulator(layout) for _ in experts]
+    base_pool, pools = ChunkBuffers(), [ChunkBuffers() for _ in experts]
     base_sq = np.zeros(len(layout.names), dtype=np.float64)
     offset = 0
     for i, (name, shape, count) in enumerate(zip(layout.names, layout.shapes, layout.counts, strict=True)):
@@ -233,10 +249,10 @@ def structural_signatures(
             sample_indices(config.seed, name, shape, qcount, salt="quantiles"),
             offset,
         )
-        streams = [read_chunks(expert, name) for expert in experts]
+        streams = [read_chunks(expert, name, buffers) for expert, buffers in zip(experts, pools, strict=True)]
         for acc in accs:
             acc.start_tensor(qcount)
-        for start, base_values in read_chunks(base, name):
+        for start, base_values in read_chunks(base, name, base_pool):
             base_sq[i] += float(np.dot(base_values, base_values))
             for stream, acc in zip(streams, accs, strict=True):
                 expert_start, tau = next(stream)
