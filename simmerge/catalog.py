@@ -21,11 +21,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simmerge.checkpoint import Checkpoint, check_compatible
 from simmerge.errors import ConflictError, NotFoundError, SimMergeError
+from simmerge.evaluation import METRICS
 from simmerge.home import resolve_home
 
 VERSION_TABLE = "simmerge_catalog_version"
 MIGRATIONS = Path(__file__).with_name("migrations")
-METRICS = ("token_accuracy", "exact_match", "loglik")
 
 
 def _now() -> datetime:

@@ -13,10 +13,7 @@ import contextlib
 import copy
 import fcntl
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any
 
 from simmerge.errors import ConflictError, SimMergeError
 from simmerge.evaluation import quiet_hf_progress
+from simmerge.writer import staged_directory
 from simmerge.zoo.tasks import LETTERS, TASKS, TaskSpec, make_examples, sample_stream, task_spec, vocabulary
 
 ZOO_VERSION = "3"
@@ -186,14 +184,8 @@ def build_zoo(
             found = _stamp(root)
             what = f"a different zoo ({found})" if found else "files that are not a zoo"
             raise ConflictError(f"{root} already holds {what}; pass --force to replace it")
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            with _torch_threads(threads), quiet_hf_progress():
-                _build_into(staging, recipe, key, progress)
-            _replace(staging, root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with staged_directory(root, overwrite=True) as staging, _torch_threads(threads), quiet_hf_progress():
+            _build_into(staging, recipe, key, progress)
     return root
 
 
@@ -226,17 +218,6 @@ def _torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _replace(staging: Path, root: Path) -> None:
-    """Rename the finished build into place; an old directory is moved aside first, then deleted."""
-    old = None
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}")
-        root.rename(old)
-    staging.rename(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(out: Path, recipe: Recipe, key: dict[str, Any], progress: bool) -> None:
