@@ -171,11 +171,30 @@ def recommend(
     predictor: Path | None = None,
 ) -> dict[str, Any]:
     """Ranked plans for `models`; `task` is recorded for the bandit, the predictor targets held-in tasks."""
-    from models.recommend import recommend_plans
-
     selector, meta = load_predictor(predictor or predictor_dir(home))
     source = home_source(home, pair_features)
     check_source(meta, source)
+    base = base if base is not None else common_base(home, models)
+    return recommend_loaded(
+        models, selector, meta, source, home=home, top=top, task=task, max_models=max_models, base=base
+    )
+
+
+def recommend_loaded(
+    models: Sequence[str],
+    selector: Any,
+    meta: dict[str, Any],
+    source: PairFeatureSource,
+    *,
+    home: Path,
+    top: int,
+    task: str | None = None,
+    max_models: int | None = None,
+    base: str | None = None,
+) -> dict[str, Any]:
+    """Rank plans with an already loaded predictor and feature source (the service keeps them warm)."""
+    from models.recommend import recommend_plans
+
     result = recommend_plans(
         list(models),
         selector,
@@ -183,7 +202,7 @@ def recommend(
         meta.get("input_feature_names") or selector.feature_names,
         top=top,
         max_models=max_models,
-        base=base if base is not None else common_base(home, models),
+        base=base,
         settings=settings_of(meta),
     )
     _apply_bandit(home, result, source, task)

@@ -122,20 +122,11 @@ class ModelsSelector:
     ) -> list[dict[str, Any]]:
         """What `models.api.recommend` does, with the predictor and source kept warm."""
         api = self._api()
-        from models.recommend import recommend_plans
-
         with self._lock:  # one prediction at a time: LightGBM parallelises inside a call
             predictor, meta, source = self._loaded(api)
-            result = recommend_plans(
-                list(models),
-                predictor,
-                source,
-                meta.get("input_feature_names") or predictor.feature_names,
-                top=top,
-                base=base,
-                settings=api.settings_of(meta),
+            result = api.recommend_loaded(
+                models, predictor, meta, source, home=self.home, top=top, task=task, base=base
             )
-            api.apply_bandit(self.home, result, source, task)
         return list(result["plans"])
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
