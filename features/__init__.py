@@ -5,7 +5,7 @@ batched forward pass of the probes (functional part); every pairwise feature aft
 the small cached signatures, never from the weights again.
 """
 
-from features.cache import compute_signatures, load_signature
+from features.cache import compute_signatures, load_signature, load_signatures
 from features.pairwise import pair_features, pairwise_features
 from features.schema import DEFAULT_CONFIG, FEATURE_SCHEMA_VERSION, SignatureConfig, feature_names
 from features.signature import Signature, SignaturePart
@@ -19,6 +19,7 @@ __all__ = [
     "compute_signatures",
     "feature_names",
     "load_signature",
+    "load_signatures",
     "pair_features",
     "pairwise_features",
 ]

@@ -333,7 +333,7 @@ def load_signature(
         (n for n, e in entries.items() if Path(e.path).resolve() == path.resolve()), path.name
     )
     for attempt in range(2):
-        signature = _read_cached(home, name, path, entries, config)
+        signature = _read_cached(home, name, path, entries, config, active_probes(home))
         if signature is not None or not compute or attempt:
             break
         compute_signatures({name: path}, home=home, progress=False, config=config)
@@ -342,9 +342,31 @@ def load_signature(
     return signature
 
 
-def _read_cached(home, name, path, entries, config) -> Signature | None:
+def load_signatures(
+    home: Path,
+    checkpoints: Mapping[str, Path] | Sequence[Path | str],
+    *,
+    config: SignatureConfig = DEFAULT_CONFIG,
+    compute: bool = True,
+) -> dict[str, Signature]:
+    """Signatures of many checkpoints (name → directory), computing the missing ones in one call (one
+    pass per base) and reading the catalog and the probe set once."""
+    home = Path(home)
+    paths = _named_paths(checkpoints)
+    if compute:
+        compute_signatures(paths, home=home, progress=False, config=config)
+    entries, probes = _catalog_entries(home), active_probes(home)
+    out = {}
+    for name, path in paths.items():
+        signature = _read_cached(home, name, path, entries, config, probes)
+        if signature is None:
+            raise NotFoundError(f"no cached signature for {name!r}; run `simmerge features`")
+        out[name] = signature
+    return out
+
+
+def _read_cached(home, name, path, entries, config, probes: ProbeSet | None) -> Signature | None:
     chash = content_hash(home, Checkpoint.open(path))
-    probes = active_probes(home)
     functional = None
     if probes is not None and _exists(stem := functional_stem(home, chash, probes.hash, config)):
         functional = SignaturePart.load(stem)

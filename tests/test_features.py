@@ -18,6 +18,7 @@ from features import (
     compute_signatures,
     feature_names,
     load_signature,
+    load_signatures,
     pair_features,
     pairwise_features,
 )
@@ -331,6 +332,9 @@ def test_second_run_reads_only_what_changed(family, tmp_path, monkeypatch):
     assert reads == {"tensors": 0, "forward": 3}
     loaded = load_signature(home, family["expert"], compute=False)
     assert loaded.structural is not None and loaded.functional.meta["probe_hash"] == third["probe_hash"]
+    many = load_signatures(home, paths, compute=False)
+    assert set(many) == set(paths) and reads == {"tensors": 0, "forward": 3}
+    np.testing.assert_array_equal(many["expert"].structural["sample"], loaded.structural["sample"])
 
 
 def test_cli_fills_the_cache_for_a_zoo(ci_zoo, tmp_path):
