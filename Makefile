@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 # Where demo state lives (catalog database, signatures, predictor); kept out of ~/.simmerge.
 DEMO_HOME ?= $(CURDIR)/.cache/demo-home
 DEMO_ZOO ?= $(CURDIR)/.cache/zoo-ci-0
+# Signature cache and artifacts for benchmarks and `make predictor` (the demo recreates its own home).
+BENCH_HOME ?= $(CURDIR)/.cache/bench-home
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv demo test lint format bench bench-merge bench-features bench-service bench-selection \
@@ -75,13 +77,16 @@ labels-holdout: venv
 
 # Rebuild the predictor shipped in models/default (full-zoo labels when present, else the ci ones).
 predictor: labels-ci
-	$(BIN)/python -m models.build_default --labels $(LABELS) --labels $(CI_LABELS) --home $(DEMO_HOME)
+	$(BIN)/python -m models.build_default --labels $(LABELS) --labels $(CI_LABELS) --home $(BENCH_HOME)
+
+# The selector benchmarks train on the full zoo's labels when `make labels` has made them.
+TRAIN_LABELS = $(if $(wildcard $(LABELS)),$(LABELS),$(CI_LABELS))
 
 bench-selection: labels-ci labels-holdout
-	$(BIN)/python -m bench.bench_selection --labels $(CI_LABELS) --holdout-labels $(HOLDOUT_LABELS) --home $(DEMO_HOME)
+	$(BIN)/python -m bench.bench_selection --labels $(TRAIN_LABELS) --holdout-labels $(HOLDOUT_LABELS) --home $(BENCH_HOME)
 
 bench-bandit: labels-ci
-	$(BIN)/python -m bench.bench_bandit --labels $(CI_LABELS) --home $(DEMO_HOME)
+	$(BIN)/python -m bench.bench_bandit --labels $(TRAIN_LABELS) --home $(BENCH_HOME)
 
 bench-score-catalog: venv
 	$(BIN)/python -m bench.bench_score_catalog
