@@ -248,7 +248,8 @@ def feature_signal(labels_path: Path, zoo: Path | None, work: Path) -> tuple[str
     lines = [
         f"Labels: `{labels_path}` ({len(labels)} pair rows, {scores[['model_a', 'model_b']].drop_duplicates().shape[0]} "
         f"ordered pairs) on zoo `{zoo}`. Spearman ρ between each feature and the pair's mean normalised held-in "
-        "score per operator family (over that family's settings). Small n: read as a first look, not a result.",
+        "score per operator family (over that family's settings). Pairs share checkpoints, so rows are not "
+        "independent: a first look, not a result.",
         "",
         header,
         "| --- " * (len(methods) + 2) + "|",
