@@ -43,6 +43,10 @@ format: venv
 bench: bench-merge bench-features bench-service bench-selection bench-bandit bench-score-catalog
 	$(BIN)/pytest -q -m slow
 
+bench-features: venv
+	$(PIP) -e '.[bench]'
+	$(BIN)/python -m bench.bench_features
+
 bench-service: venv
 	$(PIP) -e '.[bench]'
 	$(BIN)/python -m bench.bench_service
