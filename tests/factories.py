@@ -49,6 +49,8 @@ def derive_expert(base: Path, path: Path, seed: int, scale: float = 0.02) -> Pat
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * scale)
+            param.add_(
+                torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * scale
+            )
     model.save_pretrained(path, safe_serialization=True)
     return path

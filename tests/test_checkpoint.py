@@ -78,7 +78,9 @@ def test_content_hash_changes_with_one_value(tmp_path):
 def test_compatibility_names_first_differing_tensor(tmp_path):
     a = Checkpoint.open(_raw_checkpoint(tmp_path / "a", {"x": torch.zeros(2, 3), "y": torch.zeros(4)}))
     shape = Checkpoint.open(_raw_checkpoint(tmp_path / "b", {"x": torch.zeros(2, 3), "y": torch.zeros(5)}))
-    dtype = Checkpoint.open(_raw_checkpoint(tmp_path / "c", {"x": torch.zeros(2, 3), "y": torch.zeros(4).half()}))
+    dtype = Checkpoint.open(
+        _raw_checkpoint(tmp_path / "c", {"x": torch.zeros(2, 3), "y": torch.zeros(4).half()})
+    )
     missing = Checkpoint.open(_raw_checkpoint(tmp_path / "d", {"x": torch.zeros(2, 3)}))
     with pytest.raises(IncompatibleCheckpointsError, match=r"'y' has shape \[5\]"):
         check_compatible([a, shape])
@@ -95,11 +97,19 @@ def test_compatibility_names_first_differing_tensor(tmp_path):
         (lambda p: p.mkdir(), "no config.json"),
         (lambda p: (p.mkdir(), (p / "config.json").write_text("{}")), "no model.safetensors"),
         (
-            lambda p: (p.mkdir(), (p / "config.json").write_text("{}"), (p / "pytorch_model.bin").write_bytes(b"x")),
+            lambda p: (
+                p.mkdir(),
+                (p / "config.json").write_text("{}"),
+                (p / "pytorch_model.bin").write_bytes(b"x"),
+            ),
             "safetensors only",
         ),
         (
-            lambda p: (p.mkdir(), (p / "config.json").write_text("{}"), (p / "model.safetensors").write_bytes(b"abc")),
+            lambda p: (
+                p.mkdir(),
+                (p / "config.json").write_text("{}"),
+                (p / "model.safetensors").write_bytes(b"abc"),
+            ),
             "too short",
         ),
     ],
@@ -142,6 +152,8 @@ def test_reading_one_tensor_costs_about_that_tensor(tmp_path):
     big = {f"t{i}": torch.full((4096, 4096), float(i)) for i in range(4)}
     path = _raw_checkpoint(tmp_path / "big", big)
     del big
-    out = subprocess.run([sys.executable, "-c", _READ_ONE, str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_ONE, str(path)], capture_output=True, text=True, check=True
+    )
     grown = int(out.stdout.strip())
     assert 60 * 2**20 < grown < 140 * 2**20  # one tensor (+ slack), never the whole file

@@ -76,6 +76,8 @@ def test_malformed_plans_are_named(text, message):
 
 
 def test_multi_step_needs_unique_names():
-    text = "name: s\nmerge_method: linear\nmodels: [a, b]\n---\nname: s\nmerge_method: linear\nmodels: [s, c]\n"
+    text = (
+        "name: s\nmerge_method: linear\nmodels: [a, b]\n---\nname: s\nmerge_method: linear\nmodels: [s, c]\n"
+    )
     with pytest.raises(PlanError, match="'s' is used twice"):
         Plan.from_yaml(text)

@@ -47,7 +47,7 @@ def test_shards_read_back_exactly(tmp_path, max_size):
 def test_out_of_order_and_incomplete_writes_are_errors(tmp_path):
     layout = [OutputTensor("a", torch.float32, (2,)), OutputTensor("b", torch.float32, (2,))]
     writer = ShardedSafetensorsWriter(tmp_path, layout, 1000)
-    with pytest.raises(SimMergeError, match="'b'.*expected 'a'"):
+    with pytest.raises(SimMergeError, match=r"'b'.*expected 'a'"):
         writer.write("b", torch.zeros(2))
     writer.write("a", torch.zeros(2))
     with pytest.raises(SimMergeError, match="'b' was never written"):
