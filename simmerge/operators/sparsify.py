@@ -2,7 +2,9 @@
 
 Each keeps a ``density`` fraction of a task vector and, with ``rescale``, multiplies the survivors so
 that the L1 norm of the task vector is unchanged (mergekit's rule; for DARE that is ``1/density`` in
-expectation). At ``density >= 1`` the task vector is returned untouched, rescale or not.
+expectation). At ``density >= 1`` the task vector is returned untouched, rescale or not. They work in
+place on the task vector they are given (the caller's fresh ``θ_i − θ_base``), so sparsifying adds no
+full-size copy to the merge's peak memory.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ RESCALE_EPS = 1e-7
 
 
 def masked(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """``delta`` where ``keep``, zero elsewhere; with ``rescale`` scaled back to the original L1 norm."""
-    kept = delta * keep.to(delta.dtype)
-    if not rescale:
+    """``delta`` zeroed where not ``keep``, in place (callers pass a fresh task vector); with
+    ``rescale`` scaled back to the original L1 norm. In place because a sparsified copy of a large
+    embedding is one more full-size tensor at the merge's peak."""
+    before = delta.abs().sum() if rescale else None
+    kept = delta.mul_(keep)
+    if before is None:
         return kept
-    before = delta.abs().sum()
     after = kept.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return kept
-    return kept * (before / after)
+    return kept.mul_(before / after)
 
 
 def keep_top_magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
@@ -30,10 +34,18 @@ def keep_top_magnitude(delta: torch.Tensor, density: float, rescale: bool) -> to
     if density >= 1:
         return delta
     count = max(1, int(density * delta.numel()))
-    flat = delta.abs().reshape(-1)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=delta.device)
-    keep[torch.topk(flat, count, sorted=False).indices] = True
-    return masked(delta, keep.reshape(delta.shape), rescale)
+    magnitude = delta.abs()
+    # The count-th largest magnitude, then exactly `count` entries: all above it and, of those equal
+    # to it, the first in index order. A threshold costs one copy for the selection where topk's
+    # values and int64 indices cost three tensors' worth at density 0.5.
+    threshold = torch.kthvalue(magnitude.reshape(-1), magnitude.numel() - count + 1).values
+    keep = magnitude > threshold
+    missing = count - int(keep.sum())
+    if missing > 0:
+        at_threshold = (magnitude.reshape(-1) == threshold).nonzero().reshape(-1)[:missing]
+        keep.reshape(-1)[at_threshold] = True
+    del magnitude
+    return masked(delta, keep, rescale)
 
 
 def keep_random(
