@@ -12,8 +12,9 @@ import json
 import os
 import struct
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -98,6 +99,15 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+@lru_cache(maxsize=1)
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="simmerge-digest")
+
+
+def _sha256(buffer: bytearray) -> bytes:
+    return hashlib.sha256(buffer).digest()
+
+
 def _pread_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
     """Fill `buffer` from `offset`, looping because one preadv may return fewer bytes than asked."""
     done = 0
@@ -117,6 +127,7 @@ class Checkpoint:
         self.tensors = tensors
         self._hash: str | None = None
         self._tensor_digests: dict[str, bytes] = {}
+        self._pending_digests: dict[str, Future[bytes]] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
@@ -195,8 +206,10 @@ class Checkpoint:
     def read(self, name: str, device: str | torch.device = "cpu", *, digest: bool = False) -> torch.Tensor:
         """Read one tensor; memory cost is that tensor alone.
 
-        With `digest`, the tensor's sha256 is noted on the way, so a caller that reads every tensor
-        anyway (the merge engine) gets `content_hash()` without a second pass over the files.
+        With `digest`, the tensor's sha256 is taken on the way, on a helper thread (hashlib releases
+        the GIL), so a caller that reads every tensor anyway (the merge engine) gets `content_hash()`
+        without a second pass over the files and without waiting for the hash. Such a caller calls
+        `finish_digests()` before dropping the tensor, which bounds memory to the tensors in hand.
         """
         info = self.info(name)
         buffer = bytearray(info.nbytes)
@@ -206,8 +219,8 @@ class Checkpoint:
                 _pread_exact(fd, memoryview(buffer), info.start, info.file)
             finally:
                 os.close(fd)
-        if digest and info.name not in self._tensor_digests:
-            self._tensor_digests[info.name] = hashlib.sha256(buffer).digest()
+        if digest and info.name not in self._tensor_digests and info.name not in self._pending_digests:
+            self._pending_digests[info.name] = _hash_pool().submit(_sha256, buffer)
         flat = (
             torch.frombuffer(buffer, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
         )
@@ -234,6 +247,7 @@ class Checkpoint:
         digests let a full read that happens anyway (a merge) provide them.
         """
         if self._hash is None:
+            self.finish_digests()
             combined = hashlib.sha256()
             for name in sorted(self.tensors):
                 info = self.tensors[name]
@@ -243,6 +257,12 @@ class Checkpoint:
                 combined.update(self._tensor_digests[name])
             self._hash = combined.hexdigest()
         return self._hash
+
+    def finish_digests(self) -> None:
+        """Wait for the digests of tensors read so far."""
+        for name, future in self._pending_digests.items():
+            self._tensor_digests[name] = future.result()
+        self._pending_digests.clear()
 
     @staticmethod
     def _digest_tensor(info: TensorInfo) -> bytes:

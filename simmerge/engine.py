@@ -206,10 +206,13 @@ def run_merge(
             # Plain iteration: zip/enumerate would keep the previous (name, tensor) tuple alive in
             # their reused result tuple while the generator computes the next tensor.
             merged = iter_merged(prepared, device, seed, digest=True)
+            sources = list(dict.fromkeys(prepared.sources.values()))
             for done, spec in enumerate(layout, start=1):
                 name, tensor = next(merged)
                 writer.write(name, tensor.to(spec.dtype))
                 del tensor
+                for source in sources:
+                    source.finish_digests()  # hashed beside the merge; bounded to this tensor's inputs
                 bar.update()
                 if on_progress:
                     on_progress(done / len(layout))
