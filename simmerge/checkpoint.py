@@ -209,7 +209,7 @@ class Checkpoint:
         With `digest`, the tensor's sha256 is taken on the way, on a helper thread (hashlib releases
         the GIL), so a caller that reads every tensor anyway (the merge engine) gets `content_hash()`
         without a second pass over the files and without waiting for the hash. Such a caller calls
-        `finish_digests()` before dropping the tensor, which bounds memory to the tensors in hand.
+        `finish_digests()` once it has converted the tensor, so the raw bytes are not held longer.
         """
         info = self.info(name)
         buffer = bytearray(info.nbytes)

@@ -134,6 +134,11 @@ def _merge_tensor(
             values[model] = prepared.sources[model].read(name, digest=digest).to(device, torch.float32)
         return values[model]
 
+    for model in prepared.plan.checkpoints():
+        fetch(model)  # every input in hand (as float32) before any step runs
+    if digest:
+        for source in prepared.sources.values():
+            source.finish_digests()  # drop the raw buffers the hashing thread held before the peak
     result: torch.Tensor | None = None
     for resolved in prepared.steps:
         step = resolved.step
@@ -206,13 +211,10 @@ def run_merge(
             # Plain iteration: zip/enumerate would keep the previous (name, tensor) tuple alive in
             # their reused result tuple while the generator computes the next tensor.
             merged = iter_merged(prepared, device, seed, digest=True)
-            sources = list(dict.fromkeys(prepared.sources.values()))
             for done, spec in enumerate(layout, start=1):
                 name, tensor = next(merged)
                 writer.write(name, tensor.to(spec.dtype))
                 del tensor
-                for source in sources:
-                    source.finish_digests()  # hashed beside the merge; bounded to this tensor's inputs
                 bar.update()
                 if on_progress:
                     on_progress(done / len(layout))
