@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -107,8 +108,10 @@ class OperatorSetting:
     def __hash__(self) -> int:
         return hash(self.key)
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """Canonical text of the setting, computed once: plan search hashes settings thousands of times
+        per request (settings are never mutated after construction)."""
         return f"{self.method}{json.dumps(dict(self.params), sort_keys=True)}"
 
     def label(self) -> str:
@@ -236,7 +239,28 @@ def _assemble(steps: list[np.ndarray], kind: str, n_models: int) -> np.ndarray:
 def fold_descriptor(
     settings: Sequence[OperatorSetting], n_models: int, models: Sequence[str] = ()
 ) -> np.ndarray:
-    """Descriptor of `((m0 ⊕s0 m1) ⊕s1 m2) …` without building the plan (used by plan search)."""
+    """Descriptor of `((m0 ⊕s0 m1) ⊕s1 m2) …` without building the plan (used by plan search).
+
+    Memoised (read-only arrays): the descriptor depends on the models only through a 2-way slerp's
+    orientation, and plan search asks for the same few settings for every candidate subset.
+    """
+    flipped = len(settings) == 1 and len(models) == 2 and models[0] > models[1]
+    memo_key = (tuple(settings), n_models, flipped)
+    cached = _FOLD_DESCRIPTORS.get(memo_key)
+    if cached is None:
+        cached = _fold_descriptor(settings, n_models, models)
+        cached.flags.writeable = False
+        if len(_FOLD_DESCRIPTORS) >= _FOLD_MEMO_LIMIT:
+            _FOLD_DESCRIPTORS.clear()
+        _FOLD_DESCRIPTORS[memo_key] = cached
+    return cached
+
+
+_FOLD_MEMO_LIMIT = 4096
+_FOLD_DESCRIPTORS: dict[tuple[tuple[OperatorSetting, ...], int, bool], np.ndarray] = {}
+
+
+def _fold_descriptor(settings: Sequence[OperatorSetting], n_models: int, models: Sequence[str]) -> np.ndarray:
     if len(settings) == 1:
         steps = [
             _step_vector(

@@ -95,7 +95,8 @@ class LightGBMSelector:
     def contributions(self, X: np.ndarray) -> np.ndarray:
         """Per-feature SHAP contributions to the mean prediction, (n, n_features) (bias dropped)."""
         X = self._check(X)
-        return self.boosters["mean"].predict(X, pred_contrib=True)[:, :-1]
+        threads = self.params.get("num_threads", 1)  # as predict: a few rows never pay for a thread pool
+        return self.boosters["mean"].predict(X, pred_contrib=True, num_threads=threads)[:, :-1]
 
     def _check(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)

@@ -256,6 +256,80 @@ def test_recommend_returns_runnable_yaml_for_folds(catalog, predictor, data):
     assert [p["rank"] for p in out["plans"]] == list(range(1, len(out["plans"]) + 1))
 
 
+def _reference_plans(models, predictor, source, names, *, top, base, max_models=None):
+    """The recommendation computed the slow, plain way: per-candidate rows, SHAP on LightGBM's
+    defaults, PyYAML's Python emitter. The fast path must give exactly this."""
+    scored = search_plans(models, predictor, CandidateFeaturizer(source), base=base, max_models=max_models)
+    scored = scored[:top]
+    rows = np.stack([s.row for s in scored])
+    contrib = predictor.boosters["mean"].predict(rows, pred_contrib=True)[:, :-1]
+    out = []
+    for s, row, values in zip(scored, rows, contrib, strict=True):
+        order = np.argsort(-np.abs(values), kind="stable")[:3]
+        plan = s.candidate.to_plan(base)
+        out.append(
+            {
+                "models": list(s.candidate.models),
+                "steps": s.candidate.steps(),
+                "predicted_score": s.predicted,
+                "uncertainty": s.uncertainty,
+                "mergekit_yaml": plan.to_yaml(),
+                "plan": plan.to_dict(),
+                "drivers": [
+                    {"feature": names[i], "value": float(row[i]), "contribution": float(values[i])}
+                    for i in order
+                ],
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("n_models", "base", "max_models"), [(2, "base", None), (4, "base", 3), (3, None, None)]
+)
+def test_recommend_fast_path_gives_exactly_the_plain_answer(
+    catalog, predictor, data, n_models, base, max_models
+):
+    models = list(reversed(catalog.names[:n_models]))  # reversed names: slerp orientation is exercised
+    for _ in range(2):  # second call: memoised descriptors and settings keys must not change anything
+        out = recommend_plans(
+            models, predictor, catalog, data.feature_names, top=25, base=base, max_models=max_models
+        )
+        expected = _reference_plans(
+            models, predictor, catalog, data.feature_names, top=25, base=base, max_models=max_models
+        )
+        got = [{k: p[k] for k in expected[0]} for p in out["plans"]]
+        assert got == expected
+        assert {p["kind"] for p in out["plans"]} >= ({"pair"} if n_models == 2 else {"pair", "fold"})
+
+
+def test_memo_featurizer_rows_equal_plain_rows(catalog):
+    from models.recommend import MemoFeaturizer
+
+    a, b, c = catalog.names[:3]
+    settings = [OperatorSetting("slerp", {"t": 0.3}), OperatorSetting("ties", {"density": 0.5})]
+    candidates = [
+        Candidate(models, (s,)) for models in ((a, b), (b, a), (a, b, c), (c, a, b)) for s in settings
+    ]
+    candidates += [Candidate((a, b, c), tuple(settings)), Candidate((c, b, a), tuple(settings))]
+    memo = MemoFeaturizer(catalog)
+    for _ in range(2):
+        assert np.array_equal(memo.rows(candidates), CandidateFeaturizer(catalog).rows(candidates))
+    rows = memo.rows(candidates)  # fold order still matters after memoising the shared parts
+    assert not np.array_equal(rows[-1], rows[-2])
+
+
+def test_plan_yaml_matches_plan_to_yaml(catalog, predictor, data):
+    from models.recommend import plan_yaml
+
+    out = recommend_plans(catalog.names[:3], predictor, catalog, data.feature_names, top=60, base="base")
+    for p in out["plans"]:
+        plan = Plan.from_dict(p["plan"])
+        assert plan_yaml(plan) == plan.to_yaml()
+    dtyped = Plan.from_dict({**out["plans"][0]["plan"], "dtype": "bfloat16"})
+    assert plan_yaml(dtyped) == dtyped.to_yaml() and "dtype: bfloat16" in plan_yaml(dtyped)
+
+
 def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
     settings = [OperatorSetting("linear"), OperatorSetting("ties", {"density": 0.5})]
     table = score_pairs(catalog.names, predictor, catalog, settings)
