@@ -61,7 +61,7 @@ LABELS ?= $(CURDIR)/.cache/labels-full-0.parquet
 LABEL_WORKERS ?= $(shell nproc)
 
 labels: venv
-	$(BIN)/simmerge zoo build $(LABEL_ZOO) --size full --seed 0 --no-progress
+	$(BIN)/simmerge zoo build $(LABEL_ZOO) --size full --seed 0 --force --no-progress
 	$(BIN)/python -m bench.headroom --zoo $(LABEL_ZOO) --labels $(LABELS) --workers $(LABEL_WORKERS)
 
 # Small labelled catalogs for the selector benchmarks: the ci zoo, and a held-out catalog built
@@ -72,11 +72,11 @@ HOLDOUT_ZOO ?= $(CURDIR)/.cache/zoo-ci-1
 HOLDOUT_LABELS ?= $(CURDIR)/.cache/labels-ci-1.parquet
 
 labels-ci: venv
-	$(BIN)/simmerge zoo build $(CI_ZOO) --size ci --seed 0 --no-progress
+	$(BIN)/simmerge zoo build $(CI_ZOO) --size ci --seed 0 --force --no-progress
 	$(BIN)/simmerge label --zoo $(CI_ZOO) --out $(CI_LABELS) --no-progress
 
 labels-holdout: venv
-	$(BIN)/simmerge zoo build $(HOLDOUT_ZOO) --size ci --seed 1 --tasks rotate,swap,inc --no-progress
+	$(BIN)/simmerge zoo build $(HOLDOUT_ZOO) --size ci --seed 1 --tasks rotate,swap,inc --force --no-progress
 	$(BIN)/simmerge label --zoo $(HOLDOUT_ZOO) --out $(HOLDOUT_LABELS) --no-progress
 
 # Rebuild the predictor shipped in models/default (full-zoo labels when present, else the ci ones).

@@ -139,7 +139,7 @@ def main() -> None:
     from simmerge.zoo import build_zoo
 
     print("1/7 building the ci zoo (cached after the first run)", flush=True)
-    zoo = build_zoo(args.zoo, size="ci", seed=0, progress=True)
+    zoo = build_zoo(args.zoo, size="ci", seed=0, progress=True, force=True)  # the demo's own cache
     manifest = json.loads((zoo / "catalog.json").read_text())
     shutil.rmtree(args.home, ignore_errors=True)
     args.home.mkdir(parents=True)
@@ -157,7 +157,13 @@ def main() -> None:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
-    print(f"server stopped cleanly (exit {server.returncode}); state and logs are in {args.home}", flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal, so -SIGTERM is a clean stop.
+    clean = server.returncode in (0, -signal.SIGTERM)
+    print(
+        f"server {'stopped cleanly' if clean else f'exited with {server.returncode}'}; "
+        f"state and logs are in {args.home}",
+        flush=True,
+    )
 
 
 def run_story(client: Client, zoo: Path, manifest: dict[str, Any]) -> None:
