@@ -333,13 +333,8 @@ def bandit_add_arm(
 
 def _apply_bandit(home: Path, result: dict[str, Any], source: PairFeatureSource, task: str | None) -> None:
     """Once feedback exists, single-step plans also carry the bandit's estimate (prior + what it learned)."""
-    path = _bandit_path(home)
-    if not (path / "bandit.json").exists():
-        return
-    from models.bandit import LinearBandit
-
-    bandit = LinearBandit.load(path)
-    if sum(bandit.pulls.values()) == 0:
+    bandit = _read_only_bandit(_bandit_path(home))
+    if bandit is None or sum(bandit.pulls.values()) == 0:
         return
     for plan in result["plans"]:
         experts, setting = _plan_setting(plan)
@@ -352,6 +347,31 @@ def _apply_bandit(home: Path, result: dict[str, Any], source: PairFeatureSource,
                 plan["bandit_score"], plan["bandit_width"] = mean, width
     if task is not None:
         result["task"] = task
+
+
+_BANDIT_FILES = ("bandit.json", "A.npy", "b.npy")
+_bandit_cache: dict[Path, tuple[tuple[tuple[int, int, int], ...], Any]] = {}
+
+
+def _read_only_bandit(path: Path) -> Any:
+    """The bandit at `path` for scoring only (never updated through this object), or None.
+
+    Parsed once per version of its files (inode, mtime and size of each): reading and inverting it on every
+    recommendation cost more than the scoring. Feedback goes through `LinearBandit.load`/`save` as before.
+    """
+    try:
+        stamp = tuple(
+            (st.st_ino, st.st_mtime_ns, st.st_size) for st in ((path / f).stat() for f in _BANDIT_FILES)
+        )
+    except FileNotFoundError:
+        return None
+    cached = _bandit_cache.get(path)
+    if cached is None or cached[0] != stamp:
+        from models.bandit import LinearBandit
+
+        cached = (stamp, LinearBandit.load(path))
+        _bandit_cache[path] = cached
+    return cached[1]
 
 
 apply_bandit = _apply_bandit  # public name for callers that keep the predictor warm (the service)

@@ -215,3 +215,29 @@ def test_feedback_teaches_the_home_bandit_and_shows_in_recommendations(trained, 
         api.bandit_update(
             {"plan": Plan.single("linear", [a]).to_dict()}, "t", 1.0, home=home, pair_features=features
         )
+
+
+def test_recommendations_follow_each_feedback_through_the_cached_bandit(trained, tmp_path):
+    """The bandit is parsed once per version of its files: every update must still show at once, with the
+    same estimate a freshly loaded bandit gives."""
+    import shutil
+
+    from models import api
+    from models.bandit import LinearBandit
+
+    _, home, catalog, _, features, _ = trained
+    home = shutil.copytree(home, tmp_path / "home")
+    a, b = catalog.names[:2]
+    plans = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
+    seen = []
+    for score in (0.9, 0.2, 0.95):
+        api.bandit_update(plans[0], "task0", score, home=home, pair_features=features)
+        again = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
+        taught = next(p for p in again if p["description"] == plans[0]["description"])
+        fresh = LinearBandit.load(home / "bandit")
+        experts, setting = api._plan_setting(taught)
+        context = api._context(api.home_source(home, features), experts)
+        expected = fresh.scores(context, {setting.key: taught["predicted_score"]}, [setting.key])[setting.key]
+        assert (taught["bandit_score"], taught["bandit_width"]) == expected
+        seen.append(taught["bandit_score"])
+    assert len(set(seen)) == 3  # each update changed the estimate the service returns
