@@ -11,16 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import yaml
 
 from models.dataset import PairFeatureSource, aggregate_pair_rows, member_pairs, pair_weights
 from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, fold_descriptor
 from models.plan_search import Candidate, CandidateFeaturizer, ScoredCandidate, search_plans
 from simmerge.errors import SimMergeError
-from simmerge.plan import Plan
-
-# libyaml's emitter writes the same text as the pure-Python one ~20x faster (pinned by a test).
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 class MemoFeaturizer(CandidateFeaturizer):
@@ -49,17 +44,6 @@ class MemoFeaturizer(CandidateFeaturizer):
             block = aggregate_pair_rows(pair_rows, pair_weights(candidate.models, kind))
             self._aggregates[key] = block
         return block
-
-
-def plan_yaml(plan: Plan) -> str:
-    """`plan.to_yaml()` with the C emitter when PyYAML has one (same documents, same text)."""
-    docs = []
-    for step in plan.steps:
-        doc = step.to_dict()
-        if plan.dtype:
-            doc["dtype"] = plan.dtype
-        docs.append(doc)
-    return yaml.dump_all(docs, Dumper=_YAML_DUMPER, sort_keys=False)
 
 
 def drivers(
@@ -128,7 +112,7 @@ def _plan_dict(
         "description": plan.describe(),
         "predicted_score": scored.predicted,
         "uncertainty": scored.uncertainty,
-        "mergekit_yaml": plan_yaml(plan),
+        "mergekit_yaml": plan.to_yaml(),
         "plan": plan.to_dict(),
         "drivers": why,
     }

@@ -319,17 +319,6 @@ def test_memo_featurizer_rows_equal_plain_rows(catalog):
     assert not np.array_equal(rows[-1], rows[-2])
 
 
-def test_plan_yaml_matches_plan_to_yaml(catalog, predictor, data):
-    from models.recommend import plan_yaml
-
-    out = recommend_plans(catalog.names[:3], predictor, catalog, data.feature_names, top=60, base="base")
-    for p in out["plans"]:
-        plan = Plan.from_dict(p["plan"])
-        assert plan_yaml(plan) == plan.to_yaml()
-    dtyped = Plan.from_dict({**out["plans"][0]["plan"], "dtype": "bfloat16"})
-    assert plan_yaml(dtyped) == dtyped.to_yaml() and "dtype: bfloat16" in plan_yaml(dtyped)
-
-
 def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
     settings = [OperatorSetting("linear"), OperatorSetting("ties", {"density": 0.5})]
     table = score_pairs(catalog.names, predictor, catalog, settings)

@@ -81,3 +81,13 @@ def test_multi_step_needs_unique_names():
     )
     with pytest.raises(PlanError, match="'s' is used twice"):
         Plan.from_yaml(text)
+
+
+def test_fast_yaml_emitter_writes_the_pure_python_text():
+    import yaml
+
+    plan = Plan.fold(
+        ["a", "b", "c"], [("ties", {"density": 0.5}), ("linear", {"weights": [1.0, 2.0]})], dtype="bfloat16"
+    )
+    docs = list(yaml.safe_load_all(plan.to_yaml()))
+    assert plan.to_yaml() == yaml.dump_all(docs, Dumper=yaml.SafeDumper, sort_keys=False)
