@@ -89,6 +89,9 @@ def test_merge_by_catalog_name(tmp_path, family):
     assert (tmp_path / "named" / "simmerge.json").exists()
 
 
+TIES = ["--method", "ties", "--models", "{a}", "{b}", "--base", "{base}"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -96,39 +99,9 @@ def test_merge_by_catalog_name(tmp_path, family):
         (["--method", "linear", "--models", "{notckpt}", "{a}"], "no config.json"),
         (["--method", "linear", "--models", "{a}", "{wide}", "--param", "weight=1"], "{wide}"),
         (["--method", "frobnicate", "--models", "{a}", "{b}"], "'frobnicate'"),
-        (["--method", "ties", "--models", "{a}", "{b}", "--base", "{base}", "--param", "bogus=1"], "bogus"),
-        (
-            [
-                "--method",
-                "ties",
-                "--models",
-                "{a}",
-                "{b}",
-                "--base",
-                "{base}",
-                "--param",
-                "density=1.5",
-                "--param",
-                "weight=1",
-            ],
-            "density",
-        ),
-        (
-            [
-                "--method",
-                "ties",
-                "--models",
-                "{a}",
-                "{b}",
-                "--base",
-                "{base}",
-                "--param",
-                "density=0",
-                "--param",
-                "weight=1",
-            ],
-            "density",
-        ),
+        ([*TIES, "--param", "bogus=1"], "bogus"),
+        ([*TIES, "--param", "density=1.5", "--param", "weight=1"], "density"),
+        ([*TIES, "--param", "density=0", "--param", "weight=1"], "density"),
         (["--method", "slerp", "--models", "{a}", "{b}", "{c}", "--param", "t=0.5"], "slerp"),
         (["--config", "{missing}"], "{missing}"),
     ],
