@@ -159,6 +159,16 @@ def catalog_experts(home: Path) -> list[str]:
 
 
 # -- what the service and the CLI call ----------------------------------------------------------------
+def load_selection(
+    home: Path, predictor: Path | None = None, pair_features: Path | None = None
+) -> tuple[Any, dict[str, Any], PairFeatureSource]:
+    """The predictor (the home's, or `predictor`) and a feature source it was trained to read."""
+    selector, meta = load_predictor(predictor or predictor_dir(home))
+    source = home_source(home, pair_features)
+    check_source(meta, source)
+    return selector, meta, source
+
+
 def recommend(
     models: Sequence[str],
     *,
@@ -171,9 +181,7 @@ def recommend(
     predictor: Path | None = None,
 ) -> dict[str, Any]:
     """Ranked plans for `models`; `task` is recorded for the bandit, the predictor targets held-in tasks."""
-    selector, meta = load_predictor(predictor or predictor_dir(home))
-    source = home_source(home, pair_features)
-    check_source(meta, source)
+    selector, meta, source = load_selection(home, predictor, pair_features)
     base = base if base is not None else common_base(home, models)
     return recommend_loaded(
         models, selector, meta, source, home=home, top=top, task=task, max_models=max_models, base=base
@@ -224,9 +232,7 @@ def score_catalog(
     """Score every pair × setting of the catalog (or of `models`); write the table and, if asked, the heatmap."""
     from models.score_catalog import plot_best_merges, score_pairs, write_table
 
-    selector, meta = load_predictor(predictor or predictor_dir(home))
-    source = home_source(home, pair_features)
-    check_source(meta, source)
+    selector, meta, source = load_selection(home, predictor, pair_features)
     names = list(models) if models else catalog_experts(home)
     selector.params["num_threads"] = os.cpu_count() or 1  # predictions do not depend on the thread count
     table = score_pairs(names, selector, source, settings_of(meta), progress)
