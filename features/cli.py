@@ -60,10 +60,9 @@ def features(
 
 
 def _zoo_checkpoints(zoo: Path) -> tuple[dict[str, Path], dict[str, str | None]]:
-    manifest = zoo / "catalog.json"
-    if not manifest.is_file():
-        raise NotFoundError(f"{zoo}: no catalog.json (build one with `simmerge zoo build`)")
-    rows = json.loads(manifest.read_text()).get("checkpoints", [])
+    from simmerge.zoo import read_catalog
+
+    rows = read_catalog(zoo).get("checkpoints", [])
     return {r["name"]: zoo / r["path"] for r in rows}, {r["name"]: r.get("base") for r in rows}
 
 

@@ -107,10 +107,9 @@ class FeaturesPackageSource:
 
 
 def zoo_manifest(zoo_dir: Path) -> dict[str, Any]:
-    path = Path(zoo_dir) / "catalog.json"
-    if not path.exists():
-        raise NotFoundError(f"{zoo_dir}: no catalog.json (build one with `simmerge zoo build`)")
-    return json.loads(path.read_text())
+    from simmerge.zoo import read_catalog
+
+    return read_catalog(zoo_dir)
 
 
 def zoo_model_tasks(zoo_dir: Path) -> dict[str, list[str]]:

@@ -7,7 +7,6 @@ schema is owned by this module's Alembic history (`simmerge/migrations`, version
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -260,11 +259,10 @@ class Catalog:
     # -- zoo -----------------------------------------------------------------------------------
     def import_zoo(self, zoo_dir: str | Path) -> list[CatalogEntry]:
         """Register a zoo's checkpoints (bases first) and tasks; ones already registered are kept."""
+        from simmerge.zoo import read_catalog
+
         root = Path(zoo_dir)
-        manifest = root / "catalog.json"
-        if not manifest.is_file():
-            raise NotFoundError(f"{root}: no catalog.json (build one with `simmerge zoo build`)")
-        data = json.loads(manifest.read_text())
+        data = read_catalog(root)
         known = {task.name for task in self.tasks()}
         for task in data.get("tasks", []):
             if task["name"] not in known:
