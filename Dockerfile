@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SIMMERGE_HOME=/data \
-    SIMMERGE_MERGE_DEVICE=auto
+    SIMMERGE_MERGE_DEVICE=auto \
+    NUMBA_CACHE_DIR=/home/simmerge/.cache/numba
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin simmerge \
     && mkdir -p /data \

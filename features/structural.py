@@ -14,12 +14,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from features.kernels import squared_distance, widen_bf16
 from features.schema import KINDS, QUANTILE_LEVELS, SignatureConfig, depth_thirds
 from features.signature import SignaturePart
 from simmerge.checkpoint import Checkpoint, check_compatible
@@ -53,9 +56,9 @@ def read_chunks(
     """The one place weights are read: (first element, float32 values) chunk by chunk.
 
     Each chunk is one pread of the tensor's byte range (from the checkpoint's safetensors header) into
-    a reused buffer, widened to float32 in place of a full-tensor conversion: bf16 by a 16-bit shift,
-    which costs less than torch's conversion here and keeps the pass close to one read. The yielded
-    array is reused for the next chunk; the caller may modify it.
+    a reused buffer, widened to float32 in place of a full-tensor conversion: bf16 by a compiled
+    16-bit shift (`features.kernels`), which costs less than torch's conversion here and keeps the
+    pass close to one read. The yielded array is reused for the next chunk; the caller may modify it.
     """
     chunk = chunk or CHUNK_ELEMENTS
     info = checkpoint.info(name)
@@ -73,7 +76,7 @@ def read_chunks(
             _pread(fd, view, info.start + start * source.itemsize, info.file)
             values = np.frombuffer(view, dtype=source)
             if info.dtype == "BF16":
-                np.left_shift(values, 16, out=wide[:count].view(np.uint32), dtype=np.uint32)
+                widen_bf16(values, wide[:count].view(np.uint32))
                 yield start, wide[:count]
             elif info.dtype == "F32":
                 yield start, values
@@ -178,37 +181,12 @@ class Layout:
         return cls(names, shapes, counts, kinds, depths, key)
 
 
-class _Accumulator:
-    """Per-checkpoint arrays filled chunk by chunk."""
-
-    def __init__(self, layout: Layout) -> None:
-        n = len(layout.names)
-        self.sq_norm = np.zeros(n, dtype=np.float64)
-        self.quantiles = np.zeros((n, len(QUANTILE_LEVELS)), dtype=np.float32)
-        self.sample = np.zeros(sum(layout.counts), dtype=np.float32)
-        self.magnitudes = np.zeros(0, dtype=np.float32)
-
-    def start_tensor(self, qcount: int) -> None:
-        self.magnitudes = np.zeros(qcount, dtype=np.float32)
-
-    def add_chunk(self, i: int, start: int, tau: np.ndarray, picks: _Picks) -> None:
-        self.sq_norm[i] += float(np.dot(tau, tau))
-        lo, hi, local = picks.sample(start, len(tau))
-        self.sample[picks.offset + lo : picks.offset + hi] = tau[local]
-        lo, hi, local = picks.quantile(start, len(tau))
-        self.magnitudes[lo:hi] = np.abs(tau[local])
-
-    def end_tensor(self, i: int) -> None:
-        self.quantiles[i] = np.quantile(self.magnitudes, QUANTILE_LEVELS)
-
-
 @dataclass
 class _Picks:
     """A tensor's sampled and quantile coordinates, served chunk by chunk."""
 
     indices: np.ndarray
     qindices: np.ndarray
-    offset: int  # where this tensor's samples start in the signature's sample vector
 
     def sample(self, start: int, count: int) -> tuple[int, int, np.ndarray]:
         return self._within(self.indices, start, count)
@@ -222,6 +200,60 @@ class _Picks:
         return int(lo), int(hi), indices[lo:hi] - start
 
 
+@dataclass
+class _TensorStats:
+    """One tensor's statistics for the base and each expert (row e of each array: expert e)."""
+
+    base_sq: float
+    sq_norm: np.ndarray
+    magnitudes: np.ndarray  # |τ| at the quantile coordinates, (experts, coordinates)
+    samples: np.ndarray
+
+
+def _tensor_stats(
+    base: Checkpoint, experts: Sequence[Checkpoint], name: str, picks: _Picks, buffers: list[ChunkBuffers]
+) -> _TensorStats:
+    """Stream one tensor of the base and of every expert in step, chunk by chunk."""
+    n = len(experts)
+    sq_norm = np.zeros(n, dtype=np.float64)
+    samples = np.zeros((n, len(picks.indices)), dtype=np.float32)
+    magnitudes = np.zeros((n, len(picks.qindices)), dtype=np.float32)
+    base_sq = 0.0
+    streams = [read_chunks(expert, name, pool) for expert, pool in zip(experts, buffers[:n], strict=True)]
+    for start, base_values in read_chunks(base, name, buffers[n]):
+        base_sq += float(np.dot(base_values, base_values))
+        s_lo, s_hi, s_local = picks.sample(start, len(base_values))
+        q_lo, q_hi, q_local = picks.quantile(start, len(base_values))
+        for e, stream in enumerate(streams):
+            expert_start, values = next(stream)
+            if expert_start != start:
+                raise SimMergeError(f"tensor {name!r} is not read in step with its base")
+            sq_norm[e] += squared_distance(values, base_values)
+            samples[e, s_lo:s_hi] = values[s_local] - base_values[s_local]
+            magnitudes[e, q_lo:q_hi] = np.abs(values[q_local] - base_values[q_local])
+    return _TensorStats(base_sq, sq_norm, magnitudes, samples)
+
+
+def _magnitude_quantiles(magnitudes: list[np.ndarray], n_experts: int) -> np.ndarray:
+    """(experts, tensors, levels): one np.quantile call per distinct sample size, not one per tensor."""
+    out = np.zeros((n_experts, len(magnitudes), len(QUANTILE_LEVELS)), dtype=np.float32)
+    if n_experts == 0:
+        return out
+    sizes = np.array([m.shape[1] for m in magnitudes])
+    for size in np.unique(sizes):
+        index = np.flatnonzero(sizes == size)
+        stacked = np.stack([magnitudes[i] for i in index], axis=1)  # (experts, tensors, size)
+        out[:, index] = np.moveaxis(np.quantile(stacked, QUANTILE_LEVELS, axis=2), 0, -1)
+    return out
+
+
+def pass_workers() -> int:
+    """Threads for the weight pass: the cores this process may use, up to 8 (numpy and pread release
+    the GIL, so tensors are streamed in parallel; beyond a few threads memory bandwidth is the limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores))
+
+
 def structural_signatures(
     base: Checkpoint,
     experts: Sequence[Checkpoint],
@@ -229,50 +261,66 @@ def structural_signatures(
     config: SignatureConfig,
     include_base: bool = True,
     on_tensor: Callable[[], None] | None = None,
+    workers: int | None = None,
 ) -> list[SignaturePart]:
     """Structural parts for `experts` (then the base itself, zero task vector, if `include_base`).
 
     One streaming pass: tensor by tensor and chunk by chunk, the base's chunk is read once and each
-    expert's chunk beside it, so memory is a few chunks and the base's read is shared by its experts.
+    expert's chunk beside it, so memory is a few chunks per thread and the base's read is shared by its
+    experts. `workers` threads take tensors in turn; each tensor's statistics are computed by one
+    thread alone, so the result does not depend on how many there are.
     """
     layout = Layout.of(base, config)
     for expert in experts:
         check_compatible([base, expert])
-    accs = [_Accumulator(layout) for _ in experts]
-    base_pool, pools = ChunkBuffers(), [ChunkBuffers() for _ in experts]
+    offsets = np.concatenate([[0], np.cumsum(layout.counts)]).astype(np.int64)
+    sq_norm = np.zeros((len(experts), len(layout.names)), dtype=np.float64)
+    magnitudes: list[np.ndarray] = []
+    samples = np.zeros((len(experts), int(offsets[-1])), dtype=np.float32)
     base_sq = np.zeros(len(layout.names), dtype=np.float64)
-    offset = 0
-    for i, (name, shape, count) in enumerate(zip(layout.names, layout.shapes, layout.counts, strict=True)):
+    local = threading.local()
+
+    def one_tensor(i: int) -> _TensorStats:
+        if not hasattr(local, "buffers"):
+            local.buffers = [ChunkBuffers() for _ in range(len(experts) + 1)]
+        name, shape = layout.names[i], layout.shapes[i]
         qcount = min(config.quantile_sample, base.tensors[name].numel)
         picks = _Picks(
-            sample_indices(config.seed, name, shape, count),
+            sample_indices(config.seed, name, shape, layout.counts[i]),
             sample_indices(config.seed, name, shape, qcount, salt="quantiles"),
-            offset,
         )
-        streams = [read_chunks(expert, name, buffers) for expert, buffers in zip(experts, pools, strict=True)]
-        for acc in accs:
-            acc.start_tensor(qcount)
-        for start, base_values in read_chunks(base, name, base_pool):
-            base_sq[i] += float(np.dot(base_values, base_values))
-            for stream, acc in zip(streams, accs, strict=True):
-                expert_start, tau = next(stream)
-                if expert_start != start:
-                    raise SimMergeError(f"tensor {name!r} is not read in step with its base")
-                np.subtract(tau, base_values, out=tau)
-                acc.add_chunk(i, start, tau, picks)
-        for acc in accs:
-            acc.end_tensor(i)
-        offset += count
-        if on_tensor is not None:
-            on_tensor()
-    parts = [_part(layout, acc, base_sq, base_hash, is_base=False) for acc in accs]
+        return _tensor_stats(base, experts, name, picks, local.buffers)
+
+    with ThreadPoolExecutor(max_workers=workers or pass_workers()) as pool:
+        for i, stats in enumerate(pool.map(one_tensor, range(len(layout.names)))):
+            base_sq[i] = stats.base_sq
+            sq_norm[:, i] = stats.sq_norm
+            magnitudes.append(stats.magnitudes)
+            samples[:, offsets[i] : offsets[i + 1]] = stats.samples
+            if on_tensor is not None:
+                on_tensor()
+    quantiles = _magnitude_quantiles(magnitudes, len(experts))
+    parts = [
+        _part(layout, sq_norm[e], quantiles[e], samples[e], base_sq, base_hash, is_base=False)
+        for e in range(len(experts))
+    ]
     if include_base:
-        parts.append(_part(layout, _Accumulator(layout), base_sq, base_hash, is_base=True))
+        zeros = np.zeros(int(offsets[-1]), dtype=np.float32)
+        empty = np.zeros((len(layout.names), len(QUANTILE_LEVELS)), dtype=np.float32)
+        parts.append(
+            _part(layout, np.zeros(len(layout.names)), empty, zeros, base_sq, base_hash, is_base=True)
+        )
     return parts
 
 
 def _part(
-    layout: Layout, acc: _Accumulator, base_sq: np.ndarray, base_hash: str, is_base: bool
+    layout: Layout,
+    sq_norm: np.ndarray,
+    quantiles: np.ndarray,
+    sample: np.ndarray,
+    base_sq: np.ndarray,
+    base_hash: str,
+    is_base: bool,
 ) -> SignaturePart:
     numel = np.array([int(np.prod(s, dtype=np.int64)) for s in layout.shapes], dtype=np.int64)
     arrays = {
@@ -280,10 +328,10 @@ def _part(
         "counts": np.array(layout.counts, dtype=np.int64),
         "kinds": layout.kinds,
         "depths": layout.depths,
-        "sq_norm": acc.sq_norm,
+        "sq_norm": np.ascontiguousarray(sq_norm, dtype=np.float64),
         "base_sq_norm": base_sq,
-        "quantiles": acc.quantiles,
-        "sample": acc.sample,
+        "quantiles": np.ascontiguousarray(quantiles),
+        "sample": np.ascontiguousarray(sample),
     }
     meta = {"base_hash": base_hash, "layout": layout.key, "names": layout.names, "is_base": is_base}
     return SignaturePart("structural", meta, arrays)

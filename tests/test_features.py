@@ -166,6 +166,20 @@ def test_sampled_estimates_match_exact_statistics_on_tiny_llamas(family):
     )
 
 
+def test_structural_pass_is_the_same_whatever_the_number_of_threads(family):
+    def sign(workers: int):
+        experts = [Checkpoint.open(family["expert"]), Checkpoint.open(family["related"])]
+        return structural_signatures(Checkpoint.open(family["base"]), experts, "base", SMALL, workers=workers)
+
+    one, three = sign(1), sign(3)
+    assert [p.meta for p in one] == [p.meta for p in three]
+    for a, b in zip(one, three, strict=True):
+        assert a.arrays.keys() == b.arrays.keys()
+        for key in a.arrays:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert one[0]["sq_norm"].sum() > 0 and not one[-1]["sample"].any()  # expert, then the base itself
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunked_streaming_matches_whole_tensors(tiny_llama_factory, tmp_path, monkeypatch, dtype):
     import features.structural
