@@ -19,11 +19,10 @@ import numpy as np
 
 from bench.report import write_section
 from models.baselines import BestFixedSelector
-from models.dataset import Dataset, build_dataset, load_labels
-from models.evaluate import SELECTORS, evaluate_all, markdown_table
+from models.dataset import SELF_ROW_WEIGHT, Dataset, build_dataset, load_labels
+from models.evaluate import SELECTORS, evaluate_all, fit_selector, markdown_table
 from models.metrics import evaluate_selection, pool_indices
 from models.plan_search import CandidateFeaturizer, search_plans
-from models.predictor import LightGBMSelector
 from models.synthetic import make_catalog, make_labels
 
 
@@ -49,7 +48,7 @@ def _triples(train: Dataset, test: Dataset, seed: int) -> tuple[str, dict]:
         ("predictor, trained on pairs only", pairs_only),
         ("predictor, pairs + multi-way", train),
     ):
-        model = LightGBMSelector(seed=seed).fit(data.X, data.y, data.feature_names)
+        model = fit_selector("lightgbm", data, seed)
         rows[label] = evaluate_selection(
             multi_test.pools, multi_test.y, model.predict(multi_test.X)[0], fixed_pred
         )
@@ -138,14 +137,17 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - started
         body = [f"Data: {origin}.\n", markdown_table(results), ""]
         body.append(
-            f"All protocols: {elapsed:.1f} s. Gap closed = (mean selected − mean best fixed) / (mean oracle − mean best fixed), means over pools.\n"
+            f"All protocols: {elapsed:.1f} s. Gap closed = (mean selected − mean best fixed) / (mean oracle − mean best fixed), means over pools. "
+            f"`self` plans (an expert merged with itself) train the predictor at weight {SELF_ROW_WEIGHT} and are "
+            "never a test pool; the baselines train on the selection plans only. The predictor's gap closed on "
+            "held-out pairs moves by about ±0.04 with the training seed (seeds 0-2: 0.71, 0.79, 0.73).\n"
         )
         if holdout is not None:
             train = build_dataset(load_labels(labels), source)
             test = build_dataset(load_labels(holdout), holdout_source)
             table, _ = _triples(train, test, args.seed)
             body += ["### Multi-way plans (plan search)\n", table]
-            model = LightGBMSelector(seed=args.seed).fit(train.X, train.y, train.feature_names)
+            model = fit_selector("lightgbm", train, args.seed)
             from models.api import labelled_settings
 
             settings = labelled_settings(load_labels(labels))

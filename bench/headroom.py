@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from bench.report import write_section
 
-GROUPS = {
+GROUPS = {  # `self` plans (an expert with itself) are no selection problem: no headroom group
     "pair": "same-base pairs",
     "kway": "triples",
     "fold": "triples",
@@ -84,7 +84,7 @@ def setting_key(row: dict[str, Any]) -> str:
 def headroom(rows: Sequence[dict[str, Any]]) -> list[GroupHeadroom]:
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if row["held_in_score"] is not None and math.isfinite(row["held_in_score"]):
+        if row["kind"] in GROUPS and row["held_in_score"] is not None and math.isfinite(row["held_in_score"]):
             by_group[GROUPS[row["kind"]]].append(row)
     return [
         _group_headroom(name, by_group[name]) for name in dict.fromkeys(GROUPS.values()) if by_group[name]

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from models.baselines import BestFixedSelector, LassoSelector
 from models.dataset import PairFeatureSource, build_dataset, file_sha256, load_labels
 from models.descriptors import ARM_FEATURE_NAMES, DEFAULT_SETTINGS, OperatorSetting, arm_features
-from models.evaluate import held_out_pairs
+from models.evaluate import fit_selector, held_out_pairs
 from models.predictor import LightGBMSelector, read_meta
 from simmerge.errors import NotFoundError, SimMergeError
 
@@ -52,7 +51,7 @@ def train_selectors(
             "protocol": "held-out pairs, GroupKFold by pool",
             **{k: v.to_dict() for k, v in reports.items()},
         }
-    predictor = LightGBMSelector(seed=seed).fit(data.X, data.y, data.feature_names)
+    predictor = fit_selector("lightgbm", data, seed)
     settings = labelled_settings(labels[labels[f"{target}_score"].notna()])
     meta = {
         "feature_schema_version": schema_version,
@@ -70,8 +69,8 @@ def train_selectors(
     }
     out_dir = Path(out_dir)
     predictor.save(out_dir, meta)
-    LassoSelector(seed=seed).fit(data.X, data.y, data.feature_names).save(out_dir / "lasso", meta)
-    BestFixedSelector().fit(data.X, data.y, data.feature_names).save(out_dir / "best_fixed", meta)
+    fit_selector("lasso", data, seed).save(out_dir / "lasso", meta)
+    fit_selector("best_fixed", data, seed).save(out_dir / "best_fixed", meta)
     return predictor.meta
 
 

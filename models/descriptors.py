@@ -9,6 +9,7 @@ predictor has never seen (an arm added online) still lands near the families it 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -135,6 +136,24 @@ DEFAULT_SETTINGS: tuple[OperatorSetting, ...] = (
     OperatorSetting("breadcrumbs", {"density": 0.9, "gamma": 0.01}),
     OperatorSetting("breadcrumbs_ties", {"density": 0.9, "gamma": 0.01}),
 )
+
+
+def preserves_identity(setting: OperatorSetting, n_inputs: int) -> bool:
+    """Whether merging `n_inputs` copies of one checkpoint under `setting` returns it unchanged (brief §2).
+
+    Weighted averages (linear, normalised) and slerp do; task arithmetic does when lambda × Σ weights is
+    one (base + λ·Σwᵢ·τ = base + τ); TIES, DARE and breadcrumbs trim or rescale the task vector, so they
+    do not. Recommendations use this for inputs whose signatures are identical (`models.recommend`).
+    """
+    params = setting.params
+    weights = float(params.get("weight", 1.0)) * n_inputs
+    if setting.method == "slerp":
+        return True
+    if setting.method == "linear":
+        return bool(params.get("normalize", True)) or math.isclose(weights, 1.0)
+    if setting.method == "task_arithmetic":
+        return math.isclose(float(params.get("lambda", 1.0)) * weights, 1.0)
+    return False
 
 
 def family_of(method: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,13 +46,19 @@ class Predictions:
         return out
 
 
+def fit_selector(name: str, train: Dataset, seed: int) -> Any:
+    """Fit one selector as every command does: the predictor on every row (`self` rows down-weighted),
+    the baselines on the selection rows only (a linear model or a per-setting mean cannot set a checkpoint
+    merged with itself apart, and its near-1 scores would only skew them)."""
+    selector = SELECTORS[name](seed)
+    if isinstance(selector, LightGBMSelector):
+        return selector.fit(train.X, train.y, train.feature_names, sample_weight=train.weights)
+    rows = train.subset(train.evaluable)
+    return selector.fit(rows.X, rows.y, rows.feature_names)  # type: ignore[attr-defined]
+
+
 def _fit_predict(train: Dataset, test: Dataset, seed: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {}
-    for name in names:
-        selector = SELECTORS[name](seed)
-        selector.fit(train.X, train.y, train.feature_names)  # type: ignore[attr-defined]
-        out[name] = selector.predict(test.X)[0]  # type: ignore[attr-defined]
-    return out
+    return {name: fit_selector(name, train, seed).predict(test.X)[0] for name in names}
 
 
 def _collect(parts: list[tuple[Dataset, dict[str, np.ndarray], str]]) -> Predictions:
@@ -69,19 +76,23 @@ def _collect(parts: list[tuple[Dataset, dict[str, np.ndarray], str]]) -> Predict
 def held_out_pairs(
     data: Dataset, folds: int = 5, seed: int = 0, names: Sequence[str] = tuple(SELECTORS)
 ) -> Predictions:
-    """GroupKFold over pools: no set of checkpoints is seen in training and test."""
+    """GroupKFold over pools: no set of checkpoints is seen in training and test.
+
+    `self` rows (a checkpoint with itself) are never test pools; every fold trains on them.
+    """
     from sklearn.model_selection import GroupKFold
 
-    n_pools = len(set(data.pools))
+    pooled = data.subset(data.evaluable)
+    always_train = ~data.evaluable
+    n_pools = len(set(pooled.pools))
     if n_pools < 2:
         raise SimMergeError(f"held-out pairs need at least two pools, the labels have {n_pools}")
     splitter = GroupKFold(n_splits=min(folds, n_pools))
+    rows = np.flatnonzero(data.evaluable)
     parts = []
-    for fold, (train_idx, test_idx) in enumerate(splitter.split(data.X, data.y, groups=data.pools)):
-        train, test = (
-            data.subset(np.isin(np.arange(len(data)), train_idx)),
-            data.subset(np.isin(np.arange(len(data)), test_idx)),
-        )
+    for fold, (train_idx, test_idx) in enumerate(splitter.split(pooled.X, pooled.y, groups=pooled.pools)):
+        train = data.subset(always_train | np.isin(np.arange(len(data)), rows[train_idx]))
+        test = data.subset(np.isin(np.arange(len(data)), rows[test_idx]))
         parts.append((test, _fit_predict(train, test, seed, names), f"fold{fold}"))
     return _collect(parts)
 
@@ -104,7 +115,9 @@ def leave_one_task_out(
     for task, mask in touches.items():
         if mask.all() or not mask.any():
             continue
-        train, test = data.subset(~mask), data.subset(mask)
+        train, test = data.subset(~mask), data.subset(mask & data.evaluable)
+        if len(test) == 0:
+            continue
         if len(set(train.pools)) < 2:
             continue
         parts.append((test, _fit_predict(train, test, seed, names), task))
@@ -119,6 +132,7 @@ def held_out_catalog(
         raise SimMergeError(
             "the held-out catalog's features have different columns from the training catalog's"
         )
+    test = test.subset(test.evaluable)
     return _collect([(test, _fit_predict(train, test, seed, names), "holdout")])
 
 

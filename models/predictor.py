@@ -67,14 +67,24 @@ class LightGBMSelector:
             params["alpha"] = alpha
         return params
 
-    def fit(self, X: np.ndarray, y: np.ndarray, feature_names: Sequence[str]) -> LightGBMSelector:
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        feature_names: Sequence[str],
+        sample_weight: np.ndarray | None = None,
+    ) -> LightGBMSelector:
         import lightgbm as lgb
 
         if len(y) < 4:
             raise SimMergeError(f"{len(y)} labelled plans are too few to train a predictor (need at least 4)")
         self.feature_names = [_safe_feature_name(n) for n in feature_names]
         data = lgb.Dataset(
-            np.asarray(X, dtype=np.float64), label=y, feature_name=self.feature_names, free_raw_data=False
+            np.asarray(X, dtype=np.float64),
+            label=y,
+            weight=sample_weight,
+            feature_name=self.feature_names,
+            free_raw_data=False,
         )
         self.boosters = {"mean": lgb.train(self._params("regression"), data, num_boost_round=self.rounds)}
         for q in QUANTILES:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from models.dataset import PairFeatureSource, aggregate_pair_rows, member_pairs, pair_weights
-from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, fold_descriptor
+from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, fold_descriptor, preserves_identity
 from models.plan_search import Candidate, CandidateFeaturizer, ScoredCandidate, search_plans
 from simmerge.errors import SimMergeError
 
@@ -80,24 +80,57 @@ def recommend_plans(
     settings: Sequence[OperatorSetting] = DEFAULT_SETTINGS,
     beam_width: int = 8,
 ) -> dict[str, list[dict[str, Any]]]:
-    """`{"plans": [...]}` ranked by predicted score (ties: lower uncertainty first)."""
+    """`{"plans": [...]}` ranked by predicted score (ties: lower uncertainty first).
+
+    Checkpoints whose signatures are identical are a known answer rather than a prediction: merging
+    copies of one checkpoint can at best return it, so the plans that provably do (`preserves_identity`)
+    rank first, each group in predicted order. The regressor cannot tell those apart reliably: on the
+    full zoo, TIES at density 0.8 of an expert with itself scores 0.99997 against linear's 1.0.
+    """
     if top < 1:
         raise SimMergeError(f"top={top} must be at least 1")
+    featurizer = MemoFeaturizer(source)
     scored = search_plans(
         models,
         selector,
-        MemoFeaturizer(source),
+        featurizer,
         settings=settings,
         base=base,
         max_models=max_models,
         beam_width=beam_width,
-    )[:top]
+    )
+    if signatures_identical(featurizer, models):
+        scored = sorted(scored, key=lambda s: not _returns_its_input(s.candidate))  # stable: keeps order
+    scored = scored[:top]
     why = drivers(selector, np.stack([s.row for s in scored]), feature_names)
     return {
         "plans": [
             _plan_dict(rank, s, base, d) for rank, (s, d) in enumerate(zip(scored, why, strict=True), 1)
         ]
     }
+
+
+# Pair features that are exactly zero when two signatures are equal: the task vectors at every sampled
+# coordinate, and the next-token distributions at every probe position.
+IDENTITY_FEATURES = ("tv_dist", "js_mean")
+
+
+def signatures_identical(featurizer: CandidateFeaturizer, models: Sequence[str]) -> bool:
+    """True when every pair of `models` has equal signatures (needs the features package's columns)."""
+    names = list(featurizer.source.feature_names)
+    if not all(f in names for f in IDENTITY_FEATURES):
+        return False
+    columns = [names.index(f) for f in IDENTITY_FEATURES]
+    featurizer.prefetch(models)
+    return all(
+        not np.any(featurizer.pair_row(pair)[columns]) for pair in member_pairs(list(dict.fromkeys(models)))
+    )
+
+
+def _returns_its_input(candidate: Candidate) -> bool:
+    """Every step returns its input when its inputs are copies of one checkpoint."""
+    inputs = [len(candidate.models)] if len(candidate.settings) == 1 else [2] * len(candidate.settings)
+    return all(preserves_identity(s, n) for s, n in zip(candidate.settings, inputs, strict=True))
 
 
 def _plan_dict(

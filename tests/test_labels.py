@@ -93,6 +93,11 @@ def test_default_grid_covers_every_same_base_pair_with_every_setting(ci_zoo):
     slerps = Counter((frozenset(p.models), p.params["t"]) for p in pairs if p.method == "slerp")
     assert set(slerps.values()) == {2}  # both orders of every t
     assert len({p.plan_id for p in plans}) == len(plans)
+    # each expert with itself under every pair setting but slerp (whose base is one of its models)
+    own = Counter(p.models for p in plans if p.kind == "self")
+    experts = [e for group in zoo.experts_by_base().values() for e in group]
+    assert own == {(e, e): len(spec.pair_settings) for e in experts}
+    assert not any(p.kind == "self" for p in enumerate_plans(zoo, "small"))
 
 
 def test_triples_and_cross_family_are_sampled_by_seed(ci_zoo):

@@ -202,6 +202,52 @@ def test_evaluation_protocols_produce_every_selector(data, catalog):
         leave_one_task_out(data, {}, names=("best_fixed",))
 
 
+def _with_self_rows(catalog) -> pd.DataFrame:
+    """Synthetic labels plus each checkpoint merged with itself (kind `self`) under the non-slerp settings."""
+    labels = make_labels(catalog, seed=0)
+    settings = [s for s in DEFAULT_SETTINGS if s.method != "slerp"]
+    rows = [
+        {
+            **labels.iloc[0].to_dict(),
+            "plan_id": f"self-{name}-{s.key}",
+            "plan_json": json.dumps(
+                Plan.single(s.method, [name, name], base="base", parameters=dict(s.params)).to_dict()
+            ),
+            "kind": "self",
+            "method": s.method,
+            "params_json": json.dumps(dict(s.params), sort_keys=True),
+            "models": [name, name],
+            "held_in_tasks": catalog.tasks[name],
+            "held_in_score": 1.0 if s.method == "linear" else 0.5,
+        }
+        for name in catalog.names
+        for s in settings
+    ]
+    return pd.concat([labels, pd.DataFrame(rows)], ignore_index=True)
+
+
+def test_self_rows_train_but_are_never_evaluated(catalog):
+    data = build_dataset(_with_self_rows(catalog), catalog)
+    own = data.subset(data.kinds == "self")
+    assert len(own) == len(catalog.names) * sum(s.method != "slerp" for s in DEFAULT_SETTINGS)
+    assert set(own.pools) == {f"{n}|{n}" for n in catalog.names}
+    # a checkpoint with itself has the features of the pair (a, a): cosine 1, distance 0
+    assert np.allclose(own.X[:, data.feature_names.index("pair:mean:cosine")], 1.0)
+    evaluable = int(data.evaluable.sum())
+    for predictions in (
+        held_out_pairs(data, folds=3, names=("lightgbm", "best_fixed")),
+        leave_one_task_out(data, catalog.tasks, names=("best_fixed",)),
+        held_out_catalog(data, data, names=("best_fixed",)),
+    ):
+        assert not any(pool.split("/", 1)[1] in set(own.pools) for pool in predictions.pools)
+    assert len(held_out_pairs(data, folds=3, names=("best_fixed",)).measured) == evaluable
+    # best fixed ignores self rows: linear's perfect self scores must not make it the fixed choice
+    plain = build_dataset(make_labels(catalog, seed=0), catalog)
+    pairs = held_out_pairs(data, folds=3, names=("best_fixed",))
+    pairs_plain = held_out_pairs(plain, folds=3, names=("best_fixed",))
+    assert np.array_equal(pairs.predicted["best_fixed"], pairs_plain.predicted["best_fixed"])
+
+
 def test_held_out_catalog_requires_same_columns(data):
     other = data.subset(np.ones(len(data), bool))
     other.feature_names = [*data.feature_names[:-1], "something-else"]
@@ -386,3 +432,36 @@ def test_missing_features_are_tolerated_by_every_selector(data):
     for selector in (LightGBMSelector(seed=0, rounds=20), LassoSelector(seed=0), BestFixedSelector()):
         mean, unc = selector.fit(X, data.y, data.feature_names).predict(X)
         assert np.isfinite(mean).all() and np.isfinite(unc).all()
+
+
+@pytest.fixture(scope="module")
+def expert_and_base(tmp_path_factory):
+    from tests.factories import derive_expert, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("identity")
+    base = write_tiny_llama(root / "base", seed=0)
+    return derive_expert(base, root / "expert", seed=1), base
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        *DEFAULT_SETTINGS,
+        OperatorSetting("task_arithmetic", {"weight": 0.5}),
+        OperatorSetting("slerp", {"t": 0.3}),
+    ],
+    ids=lambda s: s.key,
+)
+def test_preserves_identity_is_what_the_engine_does_with_two_copies(expert_and_base, setting):
+    """The analytic rule recommendations use for identical inputs, checked by merging a checkpoint with itself."""
+    from models.descriptors import preserves_identity
+    from simmerge.checkpoint import Checkpoint
+    from simmerge.engine import merge_state_dict
+
+    expert, base = expert_and_base
+    paths = {"expert": expert, "copy": expert, "base": base}
+    plan = Candidate(("expert", "copy"), (setting,)).to_plan("base")
+    merged = merge_state_dict(plan, resolve=lambda name: str(paths[name]))
+    original = Checkpoint.open(expert)
+    largest = max(float((t - original.read(n).float()).abs().max()) for n, t in merged.items())
+    assert (largest < 1e-6) == preserves_identity(setting, 2), largest

@@ -1,4 +1,5 @@
-"""Which plans get labelled: pairs × operator settings, sampled triples (k-way and folds), cross-family pairs.
+"""Which plans get labelled: pairs × operator settings, sampled triples (k-way and folds), cross-family pairs,
+and each expert merged with itself.
 
 The enumeration is deterministic for a zoo, grid and seed, so a re-run lists the same plans in the
 same order and resuming only has to skip the plan ids already stored.
@@ -17,7 +18,10 @@ from simmerge.errors import SimMergeError
 from simmerge.labels.zoo import Zoo
 from simmerge.plan import Plan
 
-KINDS = ("pair", "kway", "fold", "cross_family")
+KINDS = ("pair", "kway", "fold", "cross_family", "self")
+# `self` plans merge an expert with itself under every pair setting. They are not a selection problem
+# (the pool has one checkpoint) and evaluation leaves them out; they teach the predictor which settings
+# preserve a checkpoint, the answer for near-identical checkpoints that the pair labels never show.
 Setting = tuple[str, dict[str, Any]]
 
 
@@ -36,6 +40,7 @@ class GridSpec:
     triples: int  # default number of sampled triples
     cross_family: int  # default number of sampled cross-family pairs
     pairs_per_base: int | None = None  # None: every pair of experts that share a base
+    self_pairs: bool = True  # label each expert merged with itself under the pair settings
 
 
 _LINEAR: Setting = ("linear", {"weight": 1.0})
@@ -76,6 +81,7 @@ GRIDS: dict[str, GridSpec] = {
         triples=1,
         cross_family=1,
         pairs_per_base=2,
+        self_pairs=False,
     ),
 }
 
@@ -146,6 +152,7 @@ def enumerate_plans(
     spec = GRIDS[grid]
     rng = random.Random(seed)
     plans = _pair_plans(zoo, spec)
+    plans += _self_plans(zoo, spec)
     plans += _triple_plans(zoo, spec, spec.triples if triples is None else triples, rng)
     plans += _cross_family_plans(zoo, spec, spec.cross_family if cross_family is None else cross_family, rng)
     unique: dict[str, LabelPlan] = {}
@@ -163,6 +170,19 @@ def _pair_plans(zoo: Zoo, spec: GridSpec) -> list[LabelPlan]:
             for t in spec.slerp_t:
                 plans += [pair_plan("slerp", {"t": t}, x, y, base) for x, y in ((a, b), (b, a))]
     return plans
+
+
+def _self_plans(zoo: Zoo, spec: GridSpec) -> list[LabelPlan]:
+    """Each expert with itself under every pair setting but slerp: slerp's base is one of its two models,
+    so with itself it has no second model (and would only return that model)."""
+    if not spec.self_pairs:
+        return []
+    return [
+        pair_plan(m, p, expert, expert, base, kind="self")
+        for base, experts in zoo.experts_by_base().items()
+        for expert in experts
+        for m, p in spec.pair_settings
+    ]
 
 
 def _triple_plans(zoo: Zoo, spec: GridSpec, count: int, rng: random.Random) -> list[LabelPlan]:
