@@ -87,13 +87,30 @@ def selector_cost_ms(
     return statistics.median(walls), statistics.median(cpus)
 
 
+def empty_request_ms(home: Path, pair_table: Path, samples: int = 200) -> float:
+    """Median round trip of `GET /healthz` (the HTTP floor: client, server loop, no work)."""
+    port = free_port()
+    server = start_server(home, pair_table, port)
+    try:
+        with httpx.Client(base_url=f"http://{HOST}:{port}") as client:
+            times = []
+            for _ in range(samples):
+                started = time.perf_counter()
+                client.get("/healthz")
+                times.append((time.perf_counter() - started) * 1000)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return statistics.median(times)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
 
-def start_server(home: Path, pair_table: Path, port: int) -> subprocess.Popen[bytes]:
+def start_server(home: Path, pair_table: Path, port: int, workers: int = 1) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "SIMMERGE_HOME": str(home),
@@ -112,6 +129,8 @@ def start_server(home: Path, pair_table: Path, port: int) -> subprocess.Popen[by
         str(port),
         "--log-level",
         "warning",
+        "--workers",
+        str(workers),
     ]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -150,8 +169,8 @@ async def run_level(
                 else:
                     errors += 1
 
-        remaining = min(5, requests)
-        await one_client()  # warm-up (imports, caches) is not counted
+        remaining = min(20, requests)
+        await asyncio.gather(*(one_client() for _ in range(4)))  # warm-up (caches) is not counted
         latencies.clear()
         errors = 0
         remaining = requests
@@ -175,50 +194,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     parser.add_argument("--levels", default="1,10,50")
+    parser.add_argument("--workers", default="1,2", help="server process counts to measure, comma-separated")
     parser.add_argument("--cap-s", type=float, default=60.0, help="time cap per level")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    results = []
     with tempfile.TemporaryDirectory(prefix="simmerge-bench-service-") as tmp:
         home, pair_table, names = build_home(Path(tmp))
-        port = free_port()
-        server = start_server(home, pair_table, port)
-        try:
-            results = [
-                asyncio.run(run_level(f"http://{HOST}:{port}", names, n, args.requests, args.cap_s))
-                for n in levels
-            ]
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        for workers in [int(x) for x in args.workers.split(",")]:
+            port = free_port()
+            server = start_server(home, pair_table, port, workers)
+            try:
+                for n in levels:
+                    level = asyncio.run(
+                        run_level(f"http://{HOST}:{port}", names, n, args.requests, args.cap_s)
+                    )
+                    results.append({"workers": workers, **level})
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
         cost, cpu = selector_cost_ms(home, pair_table, names)
+        floor = empty_request_ms(home, pair_table)
     rows = [
-        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} | {r['throughput']:.1f} |"
+        f"| {r['workers']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
+        f"| {r['throughput']:.1f} |"
         for r in results
     ]
-    at_max = results[-1]
+    at_max = min((r for r in results if r["clients"] == max(levels)), key=lambda r: r["p99"])
     verdict = "met" if at_max["p99"] < GOAL_P99_MS else "NOT met"
     body = "\n".join(
         [
-            f"POST /v1/recommendations (2–3 random models of {len(names)}, top 3) against `simmerge serve` "
-            "(one uvicorn process) on 127.0.0.1; predictor trained on a separate synthetic catalog; pair "
-            "features from a table (no checkpoint is loaded on this path).",
+            f"POST /v1/recommendations (2–3 random models of {len(names)}, top 3) against `simmerge serve "
+            "--workers N` (uvicorn with uvloop and httptools) on 127.0.0.1; predictor trained on a separate "
+            "synthetic catalog; pair features from a table (no checkpoint is loaded on this path).",
             "",
-            "| concurrent clients | requests | errors | p50 ms | p99 ms | requests/s |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| server processes | concurrent clients | requests | errors | p50 ms | p99 ms | requests/s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
             f"Goal p99 < {GOAL_P99_MS:.0f} ms at {at_max['clients']} clients: **{verdict}** "
-            f"(p99 {at_max['p99']:.1f} ms). The load generator shares the machine's cores with the server.",
+            f"(best p99 {at_max['p99']:.1f} ms, {at_max['workers']} server process(es)). The load generator "
+            "shares the machine's 2 cores with the server. With N clients each waiting for its answer, "
+            "p99 < 50 ms at 50 clients needs about 1,000 requests/s.",
             "",
-            f"Where the time goes: the selector alone (plan search over operator settings with LightGBM "
-            f"quantile predictions and SHAP drivers for the returned plans, no HTTP) costs a median "
-            f"{cost:.1f} ms wall, {cpu:.1f} ms CPU per request here (before descriptors and pair aggregates "
-            "were memoised, YAML went to libyaml and SHAP to one thread: 4.5 ms wall, 8.5 ms CPU on the "
-            "same quiet machine; profile now: LightGBM predict ~45 %, SHAP ~25 %, plan/YAML ~20 %, "
-            "features ~10 %). One server process "
-            "runs one prediction at a time, so at N clients a request waits for about N / throughput; the "
-            "rest of a request is HTTP, JSON, auth and the load generator sharing the same 2 cores.",
+            f"Where the time goes, at 1 client and one process: a request takes a median "
+            f"{results[0]['p50']:.1f} ms end to end; an empty request (`GET /healthz`) {floor:.1f} ms; the "
+            f"selector alone (plan search over the operator settings with LightGBM mean and quantile "
+            f"predictions, SHAP drivers and mergekit YAML for the returned plans, no HTTP) {cost:.1f} ms wall, "
+            f"{cpu:.1f} ms CPU. The rest is the route: the members' bases from the database, two thread-pool "
+            "hops, validating and serialising ~3 KB of plans. A process answers one request at a time, so at "
+            "N clients a request waits for about N / throughput; a second process helps only while the load "
+            "generator leaves it a core. Meeting the goal needs per-request CPU near 1 ms in all, which "
+            "this Python stack (FastAPI, LightGBM's predictor, the load generator on the same 2 cores) does "
+            "not reach here.",
         ]
     )
     print(body)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from models.bandit import locked
 from models.dataset import PairFeatureSource, build_dataset, file_sha256, load_labels
 from models.descriptors import ARM_FEATURE_NAMES, DEFAULT_SETTINGS, OperatorSetting, arm_features
 from models.evaluate import fit_selector, held_out_pairs
@@ -308,16 +309,18 @@ def bandit_update(
     meta = read_meta(predictor_dir(home))
     source = home_source(home, pair_features)
     context = _context(source, experts)
-    bandit = _load_or_create_bandit(home, len(context), settings_of(meta))
-    if setting.key not in bandit.arms:
-        bandit.add_arm(setting.key, arm_features(setting), setting.to_dict())
-    prior = float(plan.get("predicted_score", 0.0))
-    bandit.update(context, setting.key, float(score), prior)
-    bandit.save(_bandit_path(home))
-    with open(_bandit_path(home) / "feedback.jsonl", "a") as log:
-        log.write(
-            json.dumps({"task": task, "arm": setting.key, "models": experts, "score": float(score)}) + "\n"
-        )
+    with locked(_bandit_path(home), exclusive=True):
+        bandit = _load_or_create_bandit(home, len(context), settings_of(meta))
+        if setting.key not in bandit.arms:
+            bandit.add_arm(setting.key, arm_features(setting), setting.to_dict())
+        prior = float(plan.get("predicted_score", 0.0))
+        bandit.update(context, setting.key, float(score), prior)
+        bandit.save(_bandit_path(home))
+        with open(_bandit_path(home) / "feedback.jsonl", "a") as log:
+            log.write(
+                json.dumps({"task": task, "arm": setting.key, "models": experts, "score": float(score)})
+                + "\n"
+            )
 
 
 def bandit_add_arm(
@@ -329,10 +332,11 @@ def bandit_add_arm(
     context_dim = len(meta.get("pair_feature_names") or [])
     if context_dim == 0:
         raise SimMergeError("the predictor's metadata does not list its pair features")
-    bandit = _load_or_create_bandit(home, context_dim, settings_of(meta))
-    if setting.key not in bandit.arms:
-        bandit.add_arm(setting.key, arm_features(setting), setting.to_dict())
-    bandit.save(_bandit_path(home))
+    with locked(_bandit_path(home), exclusive=True):
+        bandit = _load_or_create_bandit(home, context_dim, settings_of(meta))
+        if setting.key not in bandit.arms:
+            bandit.add_arm(setting.key, arm_features(setting), setting.to_dict())
+        bandit.save(_bandit_path(home))
     return setting.key
 
 
@@ -362,21 +366,32 @@ def _read_only_bandit(path: Path) -> Any:
     """The bandit at `path` for scoring only (never updated through this object), or None.
 
     Parsed once per version of its files (inode, mtime and size of each): reading and inverting it on every
-    recommendation cost more than the scoring. Feedback goes through `LinearBandit.load`/`save` as before.
+    recommendation cost more than the scoring. A changed version is read under the shared lock, so it is
+    never half of one update and half of another (feedback may come from another worker process).
     """
-    try:
-        stamp = tuple(
-            (st.st_ino, st.st_mtime_ns, st.st_size) for st in ((path / f).stat() for f in _BANDIT_FILES)
-        )
-    except FileNotFoundError:
+    stamp = _bandit_stamp(path)
+    if stamp is None:
         return None
     cached = _bandit_cache.get(path)
     if cached is None or cached[0] != stamp:
         from models.bandit import LinearBandit
 
-        cached = (stamp, LinearBandit.load(path))
+        with locked(path, exclusive=False):
+            stamp = _bandit_stamp(path)
+            if stamp is None:
+                return None
+            cached = (stamp, LinearBandit.load(path))
         _bandit_cache[path] = cached
     return cached[1]
+
+
+def _bandit_stamp(path: Path) -> tuple[tuple[int, int, int], ...] | None:
+    try:
+        return tuple(
+            (st.st_ino, st.st_mtime_ns, st.st_size) for st in ((path / f).stat() for f in _BANDIT_FILES)
+        )
+    except FileNotFoundError:
+        return None
 
 
 apply_bandit = _apply_bandit  # public name for callers that keep the predictor warm (the service)

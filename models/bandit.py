@@ -13,8 +13,10 @@ State persists as `bandit.json` plus `A.npy` / `b.npy` (loaded with `allow_pickl
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,24 @@ from simmerge.errors import ConflictError, NotFoundError, SimMergeError
 
 POLICIES = ("ucb", "thompson")
 STATE_FILE = "bandit.json"
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def locked(directory: Path, *, exclusive: bool) -> Iterator[None]:
+    """Hold a bandit directory's lock: writers (load, update, save) exclusively, readers shared.
+
+    Its state is three files; several service worker processes read and update it, so without the
+    lock a reader could pair one update's `A` with another's `b`, and two updates could lose one.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass

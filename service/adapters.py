@@ -1,11 +1,13 @@
 """Thin seams to the learned selector (`models/`) and signatures (`features/`).
 
 The API depends on these protocols only, so tests inject fakes through FastAPI dependencies and
-the real packages are imported lazily, on first use, never at start-up.
+the real packages are imported lazily: when the app starts (`ModelsSelector.warm`, so no request pays
+for loading the predictor) or on first use, never when `service` is imported.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +17,7 @@ from service.api.errors import UnavailableError
 from simmerge.catalog import Catalog
 
 Progress = Callable[[float, str | None], None]
+log = logging.getLogger("simmerge.service")
 
 
 class Selector(Protocol):
@@ -116,6 +119,16 @@ class ModelsSelector:
         with Session(self.catalog.engine) as session:
             count, last = session.execute(select(func.count(), func.max(CheckpointRow.id))).one()
         return int(count), int(last or 0)
+
+    def warm(self) -> None:
+        """Load the predictor and feature source now, at start-up, rather than in the first request
+        (each web worker process would otherwise make one request per worker wait ~100 ms or more).
+        A home without a predictor or features yet is fine: the first request that needs them says so."""
+        try:
+            with self._lock:
+                self._loaded(self._api())
+        except Exception as exc:
+            log.info("selector not preloaded: %s", exc)
 
     def recommend(
         self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (
@@ -36,7 +37,11 @@ API_PREFIX = "/v1"
 
 
 class Metrics:
-    """Per-app registry, so several apps in one process (tests) do not collide."""
+    """Per-app registry, so several apps in one process (tests) do not collide.
+
+    Under several web workers (`service.server`, `PROMETHEUS_MULTIPROC_DIR` set) each process writes
+    its values to that directory and a scrape aggregates every worker's.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -50,7 +55,30 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
             registry=self.registry,
         )
-        self.jobs = Gauge("simmerge_jobs", "Jobs by status", ["status"], registry=self.registry)
+        self.jobs = Gauge(
+            "simmerge_jobs",
+            "Jobs by status",
+            ["status"],
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
+
+    def exposition(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def prepare_database(settings: ServiceSettings, store: Store) -> None:
+    """Once per service, before any request: migrations (if configured) and the configured tokens."""
+    if settings.run_migrations:
+        migrate_catalog(store.engine)
+        migrate(store.engine)
+    load_configured_tokens(settings, store)
 
 
 def _route_template(request: Request) -> str:
@@ -64,18 +92,28 @@ def _route_template(request: Request) -> str:
     return path
 
 
-def create_app(settings: ServiceSettings | None = None, *, selector: Selector | None = None) -> FastAPI:
-    """Build the app; migrations, token loading and the job dispatcher run in its lifespan."""
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    selector: Selector | None = None,
+    role: Literal["all", "web"] = "all",
+) -> FastAPI:
+    """Build the app; for role "all", migrations, token loading and the job dispatcher run in its lifespan.
+
+    Role "web" only answers requests: a supervisor (`service.server`) has prepared the database and
+    runs the one job dispatcher.
+    """
     settings = settings or ServiceSettings()
     store = Store(settings.db_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if settings.run_migrations:
-            await run_in_threadpool(migrate_catalog, store.engine)
-            await run_in_threadpool(migrate, store.engine)
-        await run_in_threadpool(load_configured_tokens, settings, store)
-        manager = JobManager(settings, store) if settings.start_jobs else None
+        if role == "all":
+            await run_in_threadpool(prepare_database, settings, store)
+        warm = getattr(app.state.selector, "warm", None)
+        if warm is not None:
+            await run_in_threadpool(warm)
+        manager = JobManager(settings, store) if settings.start_jobs and role == "all" else None
         if manager is not None:
             await run_in_threadpool(manager.start)
         app.state.jobs = manager
@@ -131,6 +169,6 @@ def create_app(settings: ServiceSettings | None = None, *, selector: Selector | 
         counts = store.count_jobs_by_status()
         for status in JOB_STATUSES:  # every status, so a count that drops to zero shows as zero
             metrics.jobs.labels(status).set(counts.get(status, 0))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

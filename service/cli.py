@@ -16,17 +16,21 @@ from simmerge.cli import Context, home_option, pass_context
 @click.option(
     "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning"])
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Web worker processes [default: SIMMERGE_WORKERS, else 1]; jobs are dispatched by one process.",
+)
 @pass_context
-def serve(ctx: Context, host: str, port: int, log_level: str) -> None:
+def serve(ctx: Context, host: str, port: int, log_level: str, workers: int | None) -> None:
     """Serve the REST API (OpenAPI at /docs); settings come from SIMMERGE_* variables and .env."""
     import logging
 
-    import uvicorn
-
-    from service.app import create_app
+    from service.server import serve as run_server
     from service.settings import ServiceSettings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # the catalog is opened (and checked) often
     settings = ServiceSettings(home=ctx.home) if ctx.home_option is not None else ServiceSettings()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)
+    run_server(settings, host=host, port=port, log_level=log_level, workers=workers or settings.workers)

@@ -64,6 +64,8 @@ class ServiceSettings(BaseSettings):
     job_runners: str = "service.adapters:MODELS_RUNNERS"
     run_migrations: bool = True
     start_jobs: bool = True
+    # Web worker processes of `simmerge serve` (one job dispatcher whatever the count; see service.server).
+    workers: int = Field(default=1, ge=1, le=64)
 
     @field_validator("catalog_roots", mode="before")
     @classmethod

@@ -152,3 +152,74 @@ def test_catalog_scoring_job_pages_and_plots(client: TestClient, synthetic: dict
     assert scores == sorted(scores, reverse=True)
     png = client.get(f"/v1/scoring/{job['id']}/heatmap.png")
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
+    synthetic: dict[str, Any], tmp_path: Path
+) -> None:
+    """`simmerge serve --workers 2`: requests land on either process; concurrent arm additions (each a
+    load-update-save of the bandit's files) are all kept; /metrics counts every worker's requests."""
+    import os
+    import re
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    home = tmp_path / "home"
+    shutil.copytree(synthetic["home"], home)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "SIMMERGE_HOME": str(home),
+        "SIMMERGE_CATALOG_ROOTS": str(synthetic["checkpoints"]),
+        "SIMMERGE_TOKENS": json.dumps(token_settings()),
+        "SIMMERGE_PAIR_FEATURES": str(synthetic["features"]),
+    }
+    command = [sys.executable, "-m", "simmerge", "serve", "--workers", "2", "--port", str(port)]
+    server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(url), timeout=60)
+        root = synthetic["checkpoints"]
+        with httpx.Client(base_url=url, timeout=30) as http:
+            bodies = [{"path": str(root / "base"), "name": "base"}] + [
+                {"path": str(root / n), "name": n, "base": "base"} for n in synthetic["names"]
+            ]
+            for body in bodies:
+                assert http.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+            densities = [round(0.05 + 0.01 * i, 2) for i in range(16)]
+
+            def add(density: float) -> int:
+                with httpx.Client(base_url=url, timeout=30) as own:  # own connection: spread over workers
+                    body = {"parameters": {"density": density}}
+                    return own.post("/v1/operators/ties/arms", json=body, headers=auth("writer")).status_code
+
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(add, densities)) == {201}
+            plans = http.post("/v1/recommendations", json={"models": synthetic["names"][:2], "top": 2})
+            assert plans.status_code == 200 and len(plans.json()["plans"]) == 2
+            metrics = http.get("/metrics").text
+        state = json.loads((home / "bandit" / "bandit.json").read_text())
+        kept = {
+            info["params"].get("density") for info in state["arm_info"].values() if info["method"] == "ties"
+        }
+        assert set(densities) <= kept
+        pattern = r'simmerge_http_requests_total\{method="POST",route="/v1/checkpoints",status="201"\} (\S+)'
+        assert sum(float(v) for v in re.findall(pattern, metrics)) == len(bodies), metrics
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
