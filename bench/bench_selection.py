@@ -60,6 +60,41 @@ def _triples(train: Dataset, test: Dataset, seed: int) -> tuple[str, dict]:
     return table + "\n", {"n_pools": len(pool_indices(multi_test.pools))}
 
 
+def _zoo_triples(data: Dataset, seed: int, folds: int = 4) -> str:
+    """The training zoo's own multi-way pools, each held out in turn (GroupKFold): the predictor trains on
+    every other row (pairs and the other triples), the best fixed k-way operator on the other triples."""
+    from sklearn.model_selection import GroupKFold
+
+    multi = np.asarray([len(m) > 2 for m in data.models]) & data.evaluable
+    pools = data.pools[multi]
+    if len(set(pools)) < 2:
+        return ""
+    rows = np.flatnonzero(multi)
+    measured, predicted, fixed, keys = [], [], [], []
+    splitter = GroupKFold(n_splits=min(folds, len(set(pools))))
+    for _, test_idx in splitter.split(rows, groups=pools):
+        test_rows = rows[test_idx]
+        held = np.isin(data.pools, data.pools[test_rows])
+        train, test = data.subset(~held), data.subset(np.isin(np.arange(len(data)), test_rows))
+        train_multi = train.subset(np.asarray([len(m) > 2 for m in train.models]) & train.evaluable)
+        model = fit_selector("lightgbm", train, seed)
+        best_fixed = BestFixedSelector().fit(train_multi.X, train_multi.y, train_multi.feature_names)
+        measured.append(test.y)
+        predicted.append(model.predict(test.X)[0])
+        fixed.append(best_fixed.predict(test.X)[0])
+        keys.append(test.pools)
+    pool_keys, y = np.concatenate(keys), np.concatenate(measured)
+    fixed_pred = np.concatenate(fixed)
+    rows_out = {
+        "predictor (pairs + other triples)": evaluate_selection(
+            pool_keys, y, np.concatenate(predicted), fixed_pred
+        ),
+        "best fixed k-way operator": evaluate_selection(pool_keys, y, fixed_pred, fixed_pred),
+        "oracle": evaluate_selection(pool_keys, y, y, fixed_pred),
+    }
+    return markdown_table({"triples (training zoo, held out in turn)": rows_out}) + "\n"
+
+
 def _beam_hits(model, test: Dataset, source, settings) -> str:
     """How often the beam search's best plan over a triple's checkpoints is one that was measured, and its regret."""
     multi = test.subset(np.asarray([len(m) > 2 for m in test.models]))
@@ -146,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             train = build_dataset(load_labels(labels), source)
             test = build_dataset(load_labels(holdout), holdout_source)
             table, _ = _triples(train, test, args.seed)
-            body += ["### Multi-way plans (plan search)\n", table]
+            body += ["### Multi-way plans (plan search)\n", table, _zoo_triples(train, args.seed)]
             model = fit_selector("lightgbm", train, args.seed)
             from models.api import labelled_settings
 
