@@ -1,8 +1,9 @@
 """Compiled per-element loops for the structural pass, where NumPy would make one memory pass per step.
 
-Widening bf16 and ‖expert − base‖² are each one fused loop (numba, vectorised by LLVM), so the pass
-touches every element about twice instead of five times; see BENCHMARKS.md (features). Compiled on
-first use and cached on disk by numba.
+Per chunk of a tensor, one loop widens the base's and every expert's bf16 values and one call computes
+everything the signature keeps from it (numba, vectorised by LLVM), so the pass touches each element
+about twice instead of five times and makes two calls per chunk rather than a few per expert; see
+BENCHMARKS.md (features). Compiled on first use and cached on disk by numba.
 """
 
 from __future__ import annotations
@@ -19,10 +20,34 @@ def widen_bf16(raw: np.ndarray, out_bits: np.ndarray) -> None:  # pragma: no cov
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def squared_distance(values: np.ndarray, base: np.ndarray) -> float:  # pragma: no cover - compiled
-    """Σ (values − base)² without materialising the difference (float32 lanes, float64 result)."""
-    total = np.float32(0.0)
-    for i in range(values.shape[0]):
-        difference = values[i] - base[i]
-        total += difference * difference
-    return float(total)
+def chunk_statistics(
+    wide: np.ndarray,
+    count: int,
+    sample_at: np.ndarray,
+    quantile_at: np.ndarray,
+    sq_norm: np.ndarray,
+    samples: np.ndarray,
+    magnitudes: np.ndarray,
+) -> float:  # pragma: no cover - compiled
+    """One chunk of one tensor for a base (row 0 of `wide`) and its experts (rows 1…), in one call.
+
+    Adds each expert's Σ(expert − base)² to `sq_norm[e]`, writes its task vector at the chunk's sampled
+    coordinates into `samples[e]` and its magnitude at the quantile coordinates into `magnitudes[e]`,
+    and returns the base's Σ base² (float32 lanes, float64 totals).
+    """
+    base = wide[0]
+    base_total = np.float32(0.0)
+    for i in range(count):
+        base_total += base[i] * base[i]
+    for e in range(wide.shape[0] - 1):
+        row = wide[e + 1]
+        total = np.float32(0.0)
+        for i in range(count):
+            difference = row[i] - base[i]
+            total += difference * difference
+        sq_norm[e] += total
+        for j in range(sample_at.shape[0]):
+            samples[e, j] = row[sample_at[j]] - base[sample_at[j]]
+        for j in range(quantile_at.shape[0]):
+            magnitudes[e, j] = abs(row[quantile_at[j]] - base[quantile_at[j]])
+    return float(base_total)

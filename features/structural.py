@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from features.kernels import squared_distance, widen_bf16
+from features.kernels import chunk_statistics, widen_bf16
 from features.schema import KINDS, QUANTILE_LEVELS, SignatureConfig, depth_thirds
 from features.signature import SignaturePart
 from simmerge.checkpoint import Checkpoint, check_compatible
@@ -39,52 +39,61 @@ class ChunkBuffers:
     """Read and widen buffers reused across tensors (fresh ones would cost a page fault per 4 KB)."""
 
     def __init__(self) -> None:
-        self.raw = bytearray(0)
+        self.raw = np.empty(0, dtype=np.uint8)
         self.wide = np.empty(0, dtype=np.float32)
 
-    def get(self, nbytes: int, count: int) -> tuple[bytearray, np.ndarray]:
-        if len(self.raw) < nbytes:
-            self.raw = bytearray(nbytes)
-        if len(self.wide) < count:
-            self.wide = np.empty(count, dtype=np.float32)
-        return self.raw, self.wide
+    def get(self, rows: int, size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, size) views: raw values of `dtype` (each row contiguous, for one pread) and float32."""
+        if len(self.raw) < rows * size * dtype.itemsize:
+            self.raw = np.empty(rows * size * dtype.itemsize, dtype=np.uint8)
+        if len(self.wide) < rows * size:
+            self.wide = np.empty(rows * size, dtype=np.float32)
+        raw = self.raw[: rows * size * dtype.itemsize].view(dtype).reshape(rows, size)
+        return raw, self.wide[: rows * size].reshape(rows, size)
 
 
 def read_chunks(
-    checkpoint: Checkpoint, name: str, buffers: ChunkBuffers | None = None, chunk: int | None = None
-) -> Iterator[tuple[int, np.ndarray]]:
-    """The one place weights are read: (first element, float32 values) chunk by chunk.
+    checkpoints: Sequence[Checkpoint],
+    name: str,
+    buffers: ChunkBuffers | None = None,
+    chunk: int | None = None,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The one place weights are read: tensor `name` of every checkpoint in step, chunk by chunk.
 
-    Each chunk is one pread of the tensor's byte range (from the checkpoint's safetensors header) into
-    a reused buffer, widened to float32 in place of a full-tensor conversion: bf16 by a compiled
-    16-bit shift (`features.kernels`), which costs less than torch's conversion here and keeps the
-    pass close to one read. The yielded array is reused for the next chunk; the caller may modify it.
+    Yields (first element, element count, float32 array of shape (checkpoints, chunk)) whose first
+    `count` columns hold the chunk, row i from `checkpoints[i]`. Each row is one pread of the tensor's
+    byte range (from the safetensors header) into a reused buffer, then the whole block is widened to
+    float32 at once: bf16 by a compiled 16-bit shift (`features.kernels`), which costs less than
+    torch's conversion and keeps the pass close to one read. The array is reused for the next chunk.
     """
     chunk = chunk or CHUNK_ELEMENTS
-    info = checkpoint.info(name)
-    if info.dtype not in _WIDEN:
-        yield 0, checkpoint.read(name).reshape(-1).to(torch.float32).numpy()
+    infos = [c.info(name) for c in checkpoints]
+    numel, dtype = infos[0].numel, infos[0].dtype
+    if dtype not in _WIDEN or any(i.dtype != dtype for i in infos):
+        block = np.stack([c.read(name).reshape(-1).to(torch.float32).numpy() for c in checkpoints])
+        yield 0, numel, block
         return
-    source = _WIDEN[info.dtype]
-    size = min(chunk, max(info.numel, 1))
-    raw, wide = (buffers or ChunkBuffers()).get(size * source.itemsize, size)
-    fd = os.open(info.file, os.O_RDONLY)
+    source = _WIDEN[dtype]
+    size = min(chunk, max(numel, 1))
+    raw, wide = (buffers or ChunkBuffers()).get(len(infos), size, source)
+    fds = [os.open(info.file, os.O_RDONLY) for info in infos]
     try:
-        for start in range(0, info.numel, chunk):
-            count = min(chunk, info.numel - start)
-            view = memoryview(raw)[: count * source.itemsize]
-            _pread(fd, view, info.start + start * source.itemsize, info.file)
-            values = np.frombuffer(view, dtype=source)
-            if info.dtype == "BF16":
-                widen_bf16(values, wide[:count].view(np.uint32))
-                yield start, wide[:count]
-            elif info.dtype == "F32":
-                yield start, values
+        for start in range(0, numel, chunk):
+            count = min(chunk, numel - start)
+            for row, (fd, info) in enumerate(zip(fds, infos, strict=True)):
+                view = memoryview(raw[row]).cast("B")[: count * source.itemsize]
+                _pread(fd, view, info.start + start * source.itemsize, info.file)
+            if dtype == "BF16":
+                widen_bf16(raw.reshape(-1), wide.reshape(-1).view(np.uint32))
+                yield start, count, wide
+            elif dtype == "F32":
+                yield start, count, raw
             else:
-                wide[:count] = values.astype(np.float32, copy=False)
-                yield start, wide[:count]
+                np.copyto(wide, raw, casting="same_kind")
+                yield start, count, wide
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def _pread(fd: int, buffer: memoryview, offset: int, path) -> None:
@@ -211,26 +220,20 @@ class _TensorStats:
 
 
 def _tensor_stats(
-    base: Checkpoint, experts: Sequence[Checkpoint], name: str, picks: _Picks, buffers: list[ChunkBuffers]
+    base: Checkpoint, experts: Sequence[Checkpoint], name: str, picks: _Picks, buffers: ChunkBuffers
 ) -> _TensorStats:
-    """Stream one tensor of the base and of every expert in step, chunk by chunk."""
+    """Stream one tensor of the base and of every expert in step; one compiled call per chunk."""
     n = len(experts)
     sq_norm = np.zeros(n, dtype=np.float64)
     samples = np.zeros((n, len(picks.indices)), dtype=np.float32)
     magnitudes = np.zeros((n, len(picks.qindices)), dtype=np.float32)
     base_sq = 0.0
-    streams = [read_chunks(expert, name, pool) for expert, pool in zip(experts, buffers[:n], strict=True)]
-    for start, base_values in read_chunks(base, name, buffers[n]):
-        base_sq += float(np.dot(base_values, base_values))
-        s_lo, s_hi, s_local = picks.sample(start, len(base_values))
-        q_lo, q_hi, q_local = picks.quantile(start, len(base_values))
-        for e, stream in enumerate(streams):
-            expert_start, values = next(stream)
-            if expert_start != start:
-                raise SimMergeError(f"tensor {name!r} is not read in step with its base")
-            sq_norm[e] += squared_distance(values, base_values)
-            samples[e, s_lo:s_hi] = values[s_local] - base_values[s_local]
-            magnitudes[e, q_lo:q_hi] = np.abs(values[q_local] - base_values[q_local])
+    for start, count, block in read_chunks([base, *experts], name, buffers):
+        s_lo, s_hi, s_local = picks.sample(start, count)
+        q_lo, q_hi, q_local = picks.quantile(start, count)
+        base_sq += chunk_statistics(
+            block, count, s_local, q_local, sq_norm, samples[:, s_lo:s_hi], magnitudes[:, q_lo:q_hi]
+        )
     return _TensorStats(base_sq, sq_norm, magnitudes, samples)
 
 
@@ -282,7 +285,7 @@ def structural_signatures(
 
     def one_tensor(i: int) -> _TensorStats:
         if not hasattr(local, "buffers"):
-            local.buffers = [ChunkBuffers() for _ in range(len(experts) + 1)]
+            local.buffers = ChunkBuffers()
         name, shape = layout.names[i], layout.shapes[i]
         qcount = min(config.quantile_sample, base.tensors[name].numel)
         picks = _Picks(

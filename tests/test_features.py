@@ -189,7 +189,9 @@ def test_chunked_streaming_matches_whole_tensors(tiny_llama_factory, tmp_path, m
     read = lambda: structural_signatures(Checkpoint.open(base), [Checkpoint.open(expert)], "b", SMALL)[0]  # noqa: E731
     whole = read()
     monkeypatch.setattr(features.structural, "CHUNK_ELEMENTS", 1000)  # large tensors span many chunks
-    assert len(list(features.structural.read_chunks(Checkpoint.open(base), "model.embed_tokens.weight"))) > 1
+    assert (
+        len(list(features.structural.read_chunks([Checkpoint.open(base)], "model.embed_tokens.weight"))) > 1
+    )
     chunked = read()
     np.testing.assert_array_equal(whole["sample"], chunked["sample"])
     np.testing.assert_array_equal(whole["quantiles"], chunked["quantiles"])
