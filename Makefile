@@ -64,20 +64,21 @@ labels: venv
 	$(BIN)/simmerge zoo build $(LABEL_ZOO) --size full --seed 0 --force --no-progress
 	$(BIN)/python -m bench.headroom --zoo $(LABEL_ZOO) --labels $(LABELS) --workers $(LABEL_WORKERS)
 
-# Small labelled catalogs for the selector benchmarks: the ci zoo, and a held-out catalog built
-# with another seed and another task subset.
+# Labelled catalogs for the selector benchmarks: the ci zoo (small, the predictor's fallback), and a
+# held-out catalog: a full-size zoo built with another seed and another task subset (~15 min).
 CI_ZOO ?= $(CURDIR)/.cache/zoo-ci-0
 CI_LABELS ?= $(CURDIR)/.cache/labels-ci-0.parquet
-HOLDOUT_ZOO ?= $(CURDIR)/.cache/zoo-ci-1
-HOLDOUT_LABELS ?= $(CURDIR)/.cache/labels-ci-1.parquet
+HOLDOUT_ZOO ?= $(CURDIR)/.cache/zoo-full-1
+HOLDOUT_LABELS ?= $(CURDIR)/.cache/labels-full-1.parquet
+HOLDOUT_TASKS ?= reverse,sort,swap,dedupe,revshift
 
 labels-ci: venv
 	$(BIN)/simmerge zoo build $(CI_ZOO) --size ci --seed 0 --force --no-progress
 	$(BIN)/simmerge label --zoo $(CI_ZOO) --out $(CI_LABELS) --no-progress
 
 labels-holdout: venv
-	$(BIN)/simmerge zoo build $(HOLDOUT_ZOO) --size ci --seed 1 --tasks rotate,swap,inc --force --no-progress
-	$(BIN)/simmerge label --zoo $(HOLDOUT_ZOO) --out $(HOLDOUT_LABELS) --no-progress
+	$(BIN)/simmerge zoo build $(HOLDOUT_ZOO) --size full --seed 1 --tasks $(HOLDOUT_TASKS) --force --no-progress
+	$(BIN)/simmerge label --zoo $(HOLDOUT_ZOO) --out $(HOLDOUT_LABELS) --workers $(LABEL_WORKERS) --no-progress
 
 # Rebuild the predictor shipped in models/default (full-zoo labels when present, else the ci ones).
 predictor: labels-ci
