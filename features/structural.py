@@ -1,9 +1,9 @@
 """Structural signatures: task-vector statistics from one streaming pass over the weights.
 
-The pass is tensor-major over a base and its experts: each base tensor is read once and every expert's
-tensor of that name is read beside it, so memory is one base tensor plus one expert tensor and the
-base's read is shared by all its experts. Per tensor we keep exact ‖τ‖², ‖θ_base‖², max |τ|, |τ|
-quantiles (estimated on a seeded sub-sample) and τ at a seeded sample of coordinates that depends only
+The pass is tensor-major over a base and its experts: each tensor is read chunk by chunk from the base
+and every expert in step, so memory is a few chunks per thread and the base's read is shared by all
+its experts. Per tensor we keep exact ‖τ‖² and ‖θ_base‖², |τ| quantiles (estimated on a seeded
+sub-sample) and τ at a seeded sample of coordinates that depends only
 on (seed, tensor name, shape) and the base's layout, so every checkpoint of one base samples the same
 coordinates and pairwise sums over the sample, weighted by numel/count, are unbiased estimates of the
 full-tensor sums.
@@ -32,7 +32,7 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-CHUNK_ELEMENTS = 1 << 18  # per read (1 MB as float32): stays in cache while widened and reduced
+CHUNK_ELEMENTS = 1 << 18  # elements per checkpoint per read (1 MB as float32)
 
 
 class ChunkBuffers:
