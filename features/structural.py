@@ -27,6 +27,7 @@ from features.schema import KINDS, QUANTILE_LEVELS, SignatureConfig, depth_third
 from features.signature import SignaturePart
 from simmerge.checkpoint import Checkpoint, check_compatible
 from simmerge.errors import SimMergeError
+from simmerge.resources import available_cores
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -251,10 +252,10 @@ def _magnitude_quantiles(magnitudes: list[np.ndarray], n_experts: int) -> np.nda
 
 
 def pass_workers() -> int:
-    """Threads for the weight pass: the cores this process may use, up to 8 (numpy and pread release
-    the GIL, so tensors are streamed in parallel; beyond a few threads memory bandwidth is the limit)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores))
+    """Threads for the weight pass: the cores this process may use, up to 8 (the compiled kernels and
+    pread release the GIL, so tensors are streamed in parallel; beyond a few threads memory bandwidth
+    is the limit)."""
+    return max(1, min(8, available_cores()))
 
 
 def structural_signatures(

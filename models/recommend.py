@@ -122,9 +122,7 @@ def signatures_identical(featurizer: CandidateFeaturizer, models: Sequence[str])
         return False
     columns = [names.index(f) for f in IDENTITY_FEATURES]
     featurizer.prefetch(models)
-    return all(
-        not np.any(featurizer.pair_row(pair)[columns]) for pair in member_pairs(list(dict.fromkeys(models)))
-    )
+    return all(not np.any(featurizer.pair_row(pair)[columns]) for pair in member_pairs(models))
 
 
 def _returns_its_input(candidate: Candidate) -> bool:

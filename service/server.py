@@ -20,9 +20,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def serve(settings: ServiceSettings, *, host: str, port: int, log_level: str, workers: int) -> None:
-    import uvicorn
-
     if workers <= 1:
+        import uvicorn
+
         from service.app import create_app
 
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, access_log=False)

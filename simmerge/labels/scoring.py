@@ -8,7 +8,6 @@ merges (their own tensors as a float32 state dict), so an identity merge scores 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from simmerge import evaluation
 from simmerge.labels.zoo import Zoo, read_zoo
+from simmerge.resources import available_cores
 
 
 @dataclass
@@ -84,8 +84,7 @@ _WORKER: Scorer | None = None
 
 def threads_per_worker(workers: int) -> int:
     """Split the machine's cores between worker processes so torch does not oversubscribe them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))
+    return max(1, available_cores() // max(1, workers))
 
 
 def init_worker(zoo_root: str, seed: int, threads: int) -> None:
