@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from features.kernels import chunk_statistics, widen_bf16
+from features.kernels import sorted_row_quantiles, tensor_statistics
 from features.schema import KINDS, QUANTILE_LEVELS, SignatureConfig, depth_thirds
 from features.signature import SignaturePart
 from simmerge.checkpoint import Checkpoint, check_compatible
@@ -33,24 +34,29 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
-CHUNK_ELEMENTS = 1 << 18  # elements per checkpoint per read (1 MB as float32)
+CHUNK_ELEMENTS = 1 << 18  # elements per checkpoint per read: a family's chunk stays in the L2/L3 cache
+_IN_PLACE = {"BF16": np.dtype(np.uint16), "F32": np.dtype(np.float32)}  # what the kernel reads as is
+_WIDENED = {"F16": np.dtype(np.float16), "F64": np.dtype(np.float64)}  # converted to float32 first
+_LEVELS = np.array(QUANTILE_LEVELS, dtype=np.float64)
 
 
 class ChunkBuffers:
-    """Read and widen buffers reused across tensors (fresh ones would cost a page fault per 4 KB)."""
+    """Read buffers reused across tensors (fresh ones would cost a page fault per 4 KB)."""
 
     def __init__(self) -> None:
         self.raw = np.empty(0, dtype=np.uint8)
         self.wide = np.empty(0, dtype=np.float32)
 
-    def get(self, rows: int, size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, size) views: raw values of `dtype` (each row contiguous, for one pread) and float32."""
+    def get(self, rows: int, size: int, dtype: np.dtype) -> np.ndarray:
+        """A (rows, size) array of `dtype`, each row contiguous (one pread each)."""
         if len(self.raw) < rows * size * dtype.itemsize:
             self.raw = np.empty(rows * size * dtype.itemsize, dtype=np.uint8)
+        return self.raw[: rows * size * dtype.itemsize].view(dtype).reshape(rows, size)
+
+    def get_wide(self, rows: int, size: int) -> np.ndarray:
         if len(self.wide) < rows * size:
             self.wide = np.empty(rows * size, dtype=np.float32)
-        raw = self.raw[: rows * size * dtype.itemsize].view(dtype).reshape(rows, size)
-        return raw, self.wide[: rows * size].reshape(rows, size)
+        return self.wide[: rows * size].reshape(rows, size)
 
 
 def read_chunks(
@@ -61,22 +67,22 @@ def read_chunks(
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """The one place weights are read: tensor `name` of every checkpoint in step, chunk by chunk.
 
-    Yields (first element, element count, float32 array of shape (checkpoints, chunk)) whose first
-    `count` columns hold the chunk, row i from `checkpoints[i]`. Each row is one pread of the tensor's
-    byte range (from the safetensors header) into a reused buffer, then the whole block is widened to
-    float32 at once: bf16 by a compiled 16-bit shift (`features.kernels`), which costs less than
-    torch's conversion and keeps the pass close to one read. The array is reused for the next chunk.
+    Yields (first element, element count, array of shape (checkpoints, chunk)) whose first `count`
+    columns hold the chunk, row i from `checkpoints[i]`: float32, or uint16 holding bf16 bit patterns,
+    which the kernel widens in registers (float16 and float64 are converted to float32 here). Each row
+    is one pread of the tensor's byte range (from the safetensors header) into a reused buffer, small
+    enough that the kernel then reads it from cache. The array is reused for the next chunk.
     """
     chunk = chunk or CHUNK_ELEMENTS
+    buffers = buffers or ChunkBuffers()
     infos = [c.info(name) for c in checkpoints]
     numel, dtype = infos[0].numel, infos[0].dtype
-    if dtype not in _WIDEN or any(i.dtype != dtype for i in infos):
-        block = np.stack([c.read(name).reshape(-1).to(torch.float32).numpy() for c in checkpoints])
-        yield 0, numel, block
+    if any(i.dtype != dtype for i in infos):
+        yield 0, numel, np.stack([c.read(name).reshape(-1).to(torch.float32).numpy() for c in checkpoints])
         return
-    source = _WIDEN[dtype]
+    source = _IN_PLACE.get(dtype) or _WIDENED[dtype]
     size = min(chunk, max(numel, 1))
-    raw, wide = (buffers or ChunkBuffers()).get(len(infos), size, source)
+    raw = buffers.get(len(infos), size, source)
     fds = [os.open(info.file, os.O_RDONLY) for info in infos]
     try:
         for start in range(0, numel, chunk):
@@ -84,12 +90,10 @@ def read_chunks(
             for row, (fd, info) in enumerate(zip(fds, infos, strict=True)):
                 view = memoryview(raw[row]).cast("B")[: count * source.itemsize]
                 _pread(fd, view, info.start + start * source.itemsize, info.file)
-            if dtype == "BF16":
-                widen_bf16(raw.reshape(-1), wide.reshape(-1).view(np.uint32))
-                yield start, count, wide
-            elif dtype == "F32":
+            if dtype in _IN_PLACE:
                 yield start, count, raw
             else:
+                wide = buffers.get_wide(len(infos), size)
                 np.copyto(wide, raw, casting="same_kind")
                 yield start, count, wide
     finally:
@@ -104,9 +108,6 @@ def _pread(fd: int, buffer: memoryview, offset: int, path) -> None:
         if n == 0:
             raise SimMergeError(f"{path}: unexpected end of file at byte {offset + done}")
         done += n
-
-
-_WIDEN = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 
 
 def tensor_kind(name: str) -> int:
@@ -158,8 +159,10 @@ def sample_indices(seed: int, name: str, shape: Sequence[int], count: int, salt:
     if count >= numel:
         return np.arange(numel, dtype=np.int64)
     digest = hashlib.sha256(f"{seed}|{name}|{list(shape)}|{salt}".encode()).digest()
-    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-    return np.sort(rng.choice(numel, size=count, replace=False)).astype(np.int64)
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:8], "little")))  # = default_rng
+    indices = rng.choice(numel, size=count, replace=False)
+    indices.sort()
+    return indices
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,7 @@ class Layout:
     kinds: np.ndarray
     depths: np.ndarray
     key: str
+    numels: np.ndarray
 
     @classmethod
     def of(cls, base: Checkpoint, config: SignatureConfig) -> Layout:
@@ -188,7 +192,56 @@ class Layout:
         kinds = np.array([tensor_kind(n) for n in names], dtype=np.int8)
         text = "|".join(f"{n}:{list(s)}:{c}" for n, s, c in zip(names, shapes, counts, strict=True))
         key = hashlib.sha256(f"{config.structural_key()}|{text}".encode()).hexdigest()[:16]
-        return cls(names, shapes, counts, kinds, depths, key)
+        return cls(names, shapes, counts, kinds, depths, key, np.array(numels, dtype=np.int64))
+
+
+_PICKS_CACHED = 8  # layouts (bases) whose coordinates are kept: a few MB each for billion-weight models
+_picks_cache: OrderedDict[tuple, LayoutPicks] = OrderedDict()
+_picks_lock = threading.Lock()
+
+
+class LayoutPicks:
+    """Every tensor's sampled and quantile coordinates for one base layout, drawn on first use and kept.
+
+    They depend only on (seed, tensor name, shape, count). Drawing them (a seeded generator and a sort
+    per tensor, about 150 µs each, holding the GIL) would otherwise cost every family of a base as much
+    as reading a small model's weights; on a first pass each tensor's are drawn by the thread that
+    streams it, so the draw overlaps the other threads' compiled work. Kept for the last few layouts
+    (`_PICKS_CACHED`); `clear_picks_cache` lets a benchmark measure a first pass.
+    """
+
+    def __init__(self, layout: Layout, config: SignatureConfig) -> None:
+        self.layout, self.config = layout, config
+        self.picks: list[_Picks | None] = [None] * len(layout.names)
+
+    def __getitem__(self, i: int) -> _Picks:
+        picks = self.picks[i]
+        if picks is None:  # two threads never ask for the same tensor; a repeat draw is identical anyway
+            layout, config = self.layout, self.config
+            name, shape, numel = layout.names[i], layout.shapes[i], int(layout.numels[i])
+            picks = self.picks[i] = _Picks(
+                sample_indices(config.seed, name, shape, layout.counts[i]),
+                sample_indices(
+                    config.seed, name, shape, min(config.quantile_sample, numel), salt="quantiles"
+                ),
+            )
+        return picks
+
+    @classmethod
+    def of(cls, layout: Layout, config: SignatureConfig) -> LayoutPicks:
+        key = (layout.key, config.seed, config.quantile_sample)
+        with _picks_lock:
+            if key not in _picks_cache:
+                _picks_cache[key] = cls(layout, config)
+                while len(_picks_cache) > _PICKS_CACHED:
+                    _picks_cache.popitem(last=False)
+            _picks_cache.move_to_end(key)
+            return _picks_cache[key]
+
+
+def clear_picks_cache() -> None:
+    with _picks_lock:
+        _picks_cache.clear()
 
 
 @dataclass
@@ -216,7 +269,7 @@ class _TensorStats:
 
     base_sq: float
     sq_norm: np.ndarray
-    magnitudes: np.ndarray  # |τ| at the quantile coordinates, (experts, coordinates)
+    quantiles: np.ndarray  # (experts, levels) of |τ| over the quantile coordinates
     samples: np.ndarray
 
 
@@ -232,23 +285,20 @@ def _tensor_stats(
     for start, count, block in read_chunks([base, *experts], name, buffers):
         s_lo, s_hi, s_local = picks.sample(start, count)
         q_lo, q_hi, q_local = picks.quantile(start, count)
-        base_sq += chunk_statistics(
-            block, count, s_local, q_local, sq_norm, samples[:, s_lo:s_hi], magnitudes[:, q_lo:q_hi]
+        addresses = np.array([row.ctypes.data for row in block[1:]], dtype=np.int64)
+        base_sq += tensor_statistics(
+            block[0, :count],
+            addresses,
+            s_local,
+            q_local,
+            sq_norm,
+            samples[:, s_lo:s_hi],
+            magnitudes[:, q_lo:q_hi],
         )
-    return _TensorStats(base_sq, sq_norm, magnitudes, samples)
-
-
-def _magnitude_quantiles(magnitudes: list[np.ndarray], n_experts: int) -> np.ndarray:
-    """(experts, tensors, levels): one np.quantile call per distinct sample size, not one per tensor."""
-    out = np.zeros((n_experts, len(magnitudes), len(QUANTILE_LEVELS)), dtype=np.float32)
-    if n_experts == 0:
-        return out
-    sizes = np.array([m.shape[1] for m in magnitudes])
-    for size in np.unique(sizes):
-        index = np.flatnonzero(sizes == size)
-        stacked = np.stack([magnitudes[i] for i in index], axis=1)  # (experts, tensors, size)
-        out[:, index] = np.moveaxis(np.quantile(stacked, QUANTILE_LEVELS, axis=2), 0, -1)
-    return out
+    quantiles = np.zeros((n, len(QUANTILE_LEVELS)), dtype=np.float32)
+    if magnitudes.shape[1]:
+        sorted_row_quantiles(np.sort(magnitudes, axis=1), _LEVELS, quantiles)
+    return _TensorStats(base_sq, sq_norm, quantiles, samples)
 
 
 def pass_workers() -> int:
@@ -279,31 +329,27 @@ def structural_signatures(
         check_compatible([base, expert])
     offsets = np.concatenate([[0], np.cumsum(layout.counts)]).astype(np.int64)
     sq_norm = np.zeros((len(experts), len(layout.names)), dtype=np.float64)
-    magnitudes: list[np.ndarray] = []
+    quantiles = np.zeros((len(experts), len(layout.names), len(QUANTILE_LEVELS)), dtype=np.float32)
     samples = np.zeros((len(experts), int(offsets[-1])), dtype=np.float32)
     base_sq = np.zeros(len(layout.names), dtype=np.float64)
+
+    picks = LayoutPicks.of(layout, config)
+
     local = threading.local()
 
     def one_tensor(i: int) -> _TensorStats:
         if not hasattr(local, "buffers"):
             local.buffers = ChunkBuffers()
-        name, shape = layout.names[i], layout.shapes[i]
-        qcount = min(config.quantile_sample, base.tensors[name].numel)
-        picks = _Picks(
-            sample_indices(config.seed, name, shape, layout.counts[i]),
-            sample_indices(config.seed, name, shape, qcount, salt="quantiles"),
-        )
-        return _tensor_stats(base, experts, name, picks, local.buffers)
+        return _tensor_stats(base, experts, layout.names[i], picks[i], local.buffers)
 
     with ThreadPoolExecutor(max_workers=workers or pass_workers()) as pool:
         for i, stats in enumerate(pool.map(one_tensor, range(len(layout.names)))):
             base_sq[i] = stats.base_sq
             sq_norm[:, i] = stats.sq_norm
-            magnitudes.append(stats.magnitudes)
+            quantiles[:, i] = stats.quantiles
             samples[:, offsets[i] : offsets[i + 1]] = stats.samples
             if on_tensor is not None:
                 on_tensor()
-    quantiles = _magnitude_quantiles(magnitudes, len(experts))
     parts = [
         _part(layout, sq_norm[e], quantiles[e], samples[e], base_sq, base_hash, is_base=False)
         for e in range(len(experts))
@@ -326,9 +372,8 @@ def _part(
     base_hash: str,
     is_base: bool,
 ) -> SignaturePart:
-    numel = np.array([int(np.prod(s, dtype=np.int64)) for s in layout.shapes], dtype=np.int64)
     arrays = {
-        "numel": numel,
+        "numel": layout.numels,
         "counts": np.array(layout.counts, dtype=np.int64),
         "kinds": layout.kinds,
         "depths": layout.depths,

@@ -180,6 +180,46 @@ def test_structural_pass_is_the_same_whatever_the_number_of_threads(family):
     assert one[0]["sq_norm"].sum() > 0 and not one[-1]["sample"].any()  # expert, then the base itself
 
 
+def test_magnitude_quantiles_are_numpys_over_the_sampled_coordinates(family):
+    """End to end: the kernel's |τ| at the quantile coordinates, and its sorted-row quantiles, are
+    exactly what NumPy gives on the tensors loaded whole."""
+    from features.schema import QUANTILE_LEVELS
+    from features.structural import Layout, LayoutPicks, clear_picks_cache
+
+    base, expert = Checkpoint.open(family["base"]), Checkpoint.open(family["expert"])
+    clear_picks_cache()
+    part = structural_signatures(base, [expert], "base", SMALL, include_base=False)[0]
+    layout = Layout.of(base, SMALL)
+    picks = LayoutPicks.of(layout, SMALL)
+    tb, te = (
+        load_file(family["base"] / "model.safetensors"),
+        load_file(family["expert"] / "model.safetensors"),
+    )
+    for i, name in enumerate(layout.names):
+        tau = (te[name].float() - tb[name].float()).reshape(-1).numpy()
+        expected = np.quantile(np.abs(tau[picks[i].qindices]), QUANTILE_LEVELS).astype(np.float32)
+        np.testing.assert_array_equal(part["quantiles"][i], expected, err_msg=name)
+    again = structural_signatures(base, [expert], "base", SMALL, include_base=False)[0]  # coordinates kept
+    for key in part.arrays:
+        np.testing.assert_array_equal(part[key], again[key], err_msg=key)
+
+
+def test_sorted_row_quantiles_match_numpy_exactly():
+    from features.kernels import sorted_row_quantiles
+    from features.schema import QUANTILE_LEVELS
+
+    levels = np.array(QUANTILE_LEVELS)
+    rng = np.random.default_rng(0)
+    for n in [1, 2, 3, 7, 100, 2048, 2049]:
+        rows = (np.abs(rng.standard_normal((3, n))) * 10 ** rng.uniform(-6, 2)).astype(np.float32)
+        rows[1] = np.round(rows[1], 1)  # ties
+        rows[2, 0] = np.nan
+        out = np.zeros((3, len(levels)), dtype=np.float32)
+        sorted_row_quantiles(np.sort(rows, axis=1), levels, out)
+        expected = np.quantile(rows, levels, axis=1).T.astype(np.float32)
+        np.testing.assert_array_equal(out, expected, err_msg=f"n={n}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_chunked_streaming_matches_whole_tensors(tiny_llama_factory, tmp_path, monkeypatch, dtype):
     import features.structural
