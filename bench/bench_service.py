@@ -11,7 +11,6 @@ from 1, 10 and 50 concurrent clients. Writes the `service` section of BENCHMARKS
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import random
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import httpx
 import pandas as pd
+
+from bench.loadgen import encode_post, run, run_closed_loop
 
 HOST = "127.0.0.1"  # loopback only: this load never leaves the machine
 TOKEN = "bench-token"
@@ -144,50 +145,42 @@ def start_server(home: Path, pair_table: Path, port: int, workers: int = 1) -> s
     raise RuntimeError("the service did not become ready within 120 s")
 
 
-async def run_level(
-    url: str, names: list[str], clients: int, requests: int, cap_s: float
-) -> dict[str, float]:
-    """`clients` concurrent loops share `requests` requests; latencies in ms of successful ones."""
-    latencies: list[float] = []
-    errors = 0
-    remaining = requests
+def run_level(port: int, names: list[str], clients: int, requests: int, cap_s: float) -> dict[str, float]:
+    """`clients` concurrent closed-loop clients share `requests` requests (after an uncounted warm-up);
+    latencies in ms of successful ones."""
     rng = random.Random(clients)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        deadline = time.monotonic() + cap_s
 
-        async def one_client() -> None:
-            nonlocal remaining, errors
-            while remaining > 0 and time.monotonic() < deadline:
-                remaining -= 1
-                body = {"models": rng.sample(names, rng.choice((2, 3))), "top": 3}
-                started = time.perf_counter()
-                response = await client.post("/v1/recommendations", json=body)
-                elapsed = (time.perf_counter() - started) * 1000
-                if response.status_code == 200:
-                    latencies.append(elapsed)
-                else:
-                    errors += 1
+    def make_request() -> bytes:
+        body = {"models": rng.sample(names, rng.choice((2, 3))), "top": 3}
+        return encode_post(HOST, port, "/v1/recommendations", body)
 
-        remaining = min(20, requests)
-        await asyncio.gather(*(one_client() for _ in range(4)))  # warm-up (caches) is not counted
-        latencies.clear()
-        errors = 0
-        remaining = requests
-        deadline = time.monotonic() + cap_s
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - started
-    ordered = sorted(latencies)
+    run(run_closed_loop(HOST, port, 4, min(20, requests), make_request, cap_s))  # warm-up
+    level = run(run_closed_loop(HOST, port, clients, requests, make_request, cap_s))
+    ordered = sorted(level.latencies_ms)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")  # noqa: E731
     return {
         "clients": clients,
         "requests": len(ordered),
-        "errors": errors,
+        "errors": level.errors,
         "p50": statistics.median(ordered) if ordered else float("nan"),
         "p99": pick(0.99),
-        "throughput": len(ordered) / wall if wall else 0.0,
+        "throughput": len(ordered) / level.wall_s if level.wall_s else 0.0,
     }
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (the server and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in (root, *root.children(recursive=True)):
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def main() -> None:
@@ -207,10 +200,14 @@ def main() -> None:
             server = start_server(home, pair_table, port, workers)
             try:
                 for n in levels:
-                    level = asyncio.run(
-                        run_level(f"http://{HOST}:{port}", names, n, args.requests, args.cap_s)
+                    cpu_before, client_before = process_tree_cpu_s(server.pid), time.process_time()
+                    level = run_level(port, names, n, args.requests, args.cap_s)
+                    served = level["requests"] + level["errors"] + min(20, args.requests)  # with warm-up
+                    server_cpu = (process_tree_cpu_s(server.pid) - cpu_before) / served * 1000
+                    client_cpu = (time.process_time() - client_before) / served * 1000
+                    results.append(
+                        {"workers": workers, **level, "server_cpu": server_cpu, "client_cpu": client_cpu}
                     )
-                    results.append({"workers": workers, **level})
             finally:
                 server.terminate()
                 server.wait(timeout=30)
@@ -218,7 +215,7 @@ def main() -> None:
         floor = empty_request_ms(home, pair_table)
     rows = [
         f"| {r['workers']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
-        f"| {r['throughput']:.1f} |"
+        f"| {r['throughput']:.1f} | {r['server_cpu']:.2f} | {r['client_cpu']:.2f} |"
         for r in results
     ]
     at_max = min((r for r in results if r["clients"] == max(levels)), key=lambda r: r["p99"])
@@ -229,8 +226,9 @@ def main() -> None:
             "--workers N` (uvicorn with uvloop and httptools) on 127.0.0.1; predictor trained on a separate "
             "synthetic catalog; pair features from a table (no checkpoint is loaded on this path).",
             "",
-            "| server processes | concurrent clients | requests | errors | p50 ms | p99 ms | requests/s |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| server processes | concurrent clients | requests | errors | p50 ms | p99 ms | requests/s "
+            "| server CPU ms / request | load generator CPU ms / request |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             "",
             f"Goal p99 < {GOAL_P99_MS:.0f} ms at {at_max['clients']} clients: **{verdict}** "

@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from service.settings import ServiceSettings
 from service.store import Store
@@ -77,18 +78,18 @@ def authenticate(request: Request, store: Store) -> tuple[str, set[str]]:
     return row.name, effective_scopes(row.scopes)
 
 
-def require_scope(scope: str) -> Callable[[Request], str]:
+def require_scope(scope: str) -> Callable[..., Awaitable[str]]:
     """A FastAPI dependency that admits tokens holding `scope` and returns the token's name."""
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
-    def dependency(
+    async def dependency(
         request: Request, _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]
     ) -> str:
         state = request.app.state
         if scope == "read" and not state.settings.read_requires_auth:
-            return "anonymous"
-        name, granted = authenticate(request, state.store)
+            return "anonymous"  # decided without a thread-pool hand-off: reads are the hot path
+        name, granted = await run_in_threadpool(authenticate, request, state.store)
         if scope not in granted:
             raise ForbiddenError(f"token {name!r} lacks the {scope!r} scope")
         return name

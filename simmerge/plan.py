@@ -16,13 +16,18 @@ from typing import Any
 
 import yaml
 
+from simmerge import yaml_text
 from simmerge.errors import PlanError
 
 _STEP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "name", "tokenizer_source"}
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-# libyaml's emitter writes the same text as the pure-Python one, ~20x faster (recommendations
-# render a YAML per plan on the request path); pinned by tests/test_plan.py.
+# libyaml's emitter writes the same text as the pure-Python one, ~20x faster; used for the documents
+# `simmerge.yaml_text` leaves to PyYAML (both pinned by tests/test_plan.py).
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _pyyaml_dump_all(docs: Sequence[Any]) -> str:
+    return yaml.dump_all(docs, Dumper=YAML_DUMPER, sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ class Plan:
             if self.dtype:
                 doc["dtype"] = self.dtype
             docs.append(doc)
-        return yaml.dump_all(docs, Dumper=YAML_DUMPER, sort_keys=False)
+        return yaml_text.dump_all(docs, _pyyaml_dump_all)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> Plan:

@@ -85,6 +85,10 @@ def test_recommendation_is_ranked_and_runnable(client: TestClient, synthetic: di
     response = client.post("/v1/recommendations", json={"models": models, "top": 4})
     assert response.status_code == 200, response.text
     plans = response.json()["plans"]
+    # The route serialises the plans itself: the body is exactly what the response model would give.
+    from service.api.schemas import RecommendationOut
+
+    assert response.json() == RecommendationOut.model_validate_json(response.content).model_dump(mode="json")
     assert [p["rank"] for p in plans] == [1, 2, 3, 4]
     scores = [p["predicted_score"] for p in plans]
     assert scores == sorted(scores, reverse=True)

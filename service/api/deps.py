@@ -1,4 +1,7 @@
-"""FastAPI dependencies: the app's shared objects, overridable in tests."""
+"""FastAPI dependencies: the app's shared objects, overridable in tests.
+
+Coroutines, though they only read `app.state`: FastAPI runs a plain `def` dependency on its thread
+pool, a hand-off per dependency per request."""
 
 from __future__ import annotations
 
@@ -12,23 +15,23 @@ from service.store import Store
 from simmerge.catalog import Catalog
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_catalog(request: Request) -> Catalog:
+async def get_catalog(request: Request) -> Catalog:
     return request.app.state.catalog
 
 
-def get_selector(request: Request) -> Selector:
+async def get_selector(request: Request) -> Selector:
     return request.app.state.selector
 
 
-def get_jobs(request: Request) -> Any:
+async def get_jobs(request: Request) -> Any:
     return request.app.state.jobs
 
 

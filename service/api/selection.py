@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Response
+from sqlalchemy import bindparam, select
 
 from service.adapters import Selector
 from service.api.deps import get_catalog, get_selector, get_store
-from service.api.schemas import FeedbackIn, FeedbackOut, RecommendationIn, RecommendationOut
+from service.api.schemas import (
+    FeedbackIn,
+    FeedbackOut,
+    RecommendationIn,
+    RecommendationOut,
+    RecommendedPlan,
+)
 from service.auth import require_scope
 from service.store import Store
 from simmerge.catalog import Catalog, CheckpointRow
@@ -20,13 +25,23 @@ from simmerge.errors import NotFoundError, SimMergeError
 router = APIRouter(tags=["recommendations"])
 
 
+_BASES = select(CheckpointRow.name, CheckpointRow.base).where(
+    CheckpointRow.name.in_(bindparam("names", expanding=True))
+)
+# Keys a client may rely on that the selector leaves out when they do not apply (the response model's
+# defaults), so the pre-serialised response has the same shape as a validated one.
+_PLAN_DEFAULTS = {
+    name: field.get_default(call_default_factory=True)
+    for name, field in RecommendedPlan.model_fields.items()
+    if not field.is_required()
+}
+
+
 def checkpoint_bases(catalog: Catalog, names: list[str]) -> dict[str, str | None]:
-    """Name → base for the named checkpoints that exist, in one query (this path is latency-bound)."""
-    with Session(catalog.engine) as session:
-        rows = session.execute(
-            select(CheckpointRow.name, CheckpointRow.base).where(CheckpointRow.name.in_(names))
-        )
-        return {name: base for name, base in rows}
+    """Name → base for the named checkpoints that exist: one Core query, no ORM session (this path is
+    latency-bound; the statement is compiled once and cached by SQLAlchemy)."""
+    with catalog.engine.connect() as connection:
+        return dict(connection.execute(_BASES, {"names": names}).all())
 
 
 @router.post("/recommendations", response_model=RecommendationOut)
@@ -35,18 +50,27 @@ async def recommend(
     catalog: Annotated[Catalog, Depends(get_catalog)],
     selector: Annotated[Selector, Depends(get_selector)],
     _: Annotated[str, Depends(require_scope("read"))],
-) -> dict:
-    """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint."""
+) -> Response | dict:
+    """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint.
+
+    Runs on the event loop, not the thread pool: the lookup and the selector take well under a
+    millisecond once the predictor is loaded, less than two thread hand-offs, and the selector answers
+    one request at a time anyway. The plans are serialised here (`RecommendationOut` documents them).
+    """
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
-    bases = await run_in_threadpool(checkpoint_bases, catalog, body.models)
+    bases = checkpoint_bases(catalog, body.models)
     for model in body.models:
         if model not in bases:
             raise NotFoundError(f"{model!r} is not a checkpoint in the catalog")
     shared = set(bases.values())
     base = shared.pop() if len(shared) == 1 else None
-    plans = await run_in_threadpool(selector.recommend, body.models, top=body.top, task=body.task, base=base)
-    return {"plans": plans, "task": body.task}
+    plans = selector.recommend(body.models, top=body.top, task=body.task, base=base)
+    result = {"plans": [{**_PLAN_DEFAULTS, **plan} for plan in plans], "task": body.task}
+    try:
+        return Response(json.dumps(result, allow_nan=False), media_type="application/json")
+    except (TypeError, ValueError):  # a NaN or an unusual type: let the response model convert it
+        return result
 
 
 @router.post("/feedback", response_model=FeedbackOut, status_code=201, tags=["feedback"])
