@@ -93,8 +93,37 @@ def test_fast_yaml_emitter_writes_the_pure_python_text():
     assert plan.to_yaml() == yaml.dump_all(docs, Dumper=yaml.SafeDumper, sort_keys=False)
 
 
-NAMES = ["a", "expert_1", "org/model-7b.v2", "true", "No", "null", "1.5", "0x1F", "two words", "x: y", "#c", "é"]
-VALUES = [0.5, 1.0, 1e-05, 3e20, -0.0, float("inf"), float("nan"), 0, -3, True, None, "w", [], {}, [[1, 2], [3]]]
+NAMES = [
+    "a",
+    "expert_1",
+    "org/model-7b.v2",
+    "true",
+    "No",
+    "null",
+    "1.5",
+    "0x1F",
+    "two words",
+    "x: y",
+    "#c",
+    "é",
+]
+VALUES = [
+    0.5,
+    1.0,
+    1e-05,
+    3e20,
+    -0.0,
+    float("inf"),
+    float("nan"),
+    0,
+    -3,
+    True,
+    None,
+    "w",
+    [],
+    {},
+    [[1, 2], [3]],
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,8 +135,17 @@ def test_plan_yaml_is_pyyamls_text_for_any_name_and_value(name):
 
     for value in VALUES:
         docs = [
-            {"merge_method": "ties", "base_model": name, "models": [{"model": name, "parameters": {"w": value}}]},
-            {"name": "s1", "merge_method": "linear", "models": [{"model": "s0"}], "parameters": {name: value}},
+            {
+                "merge_method": "ties",
+                "base_model": name,
+                "models": [{"model": name, "parameters": {"w": value}}],
+            },
+            {
+                "name": "s1",
+                "merge_method": "linear",
+                "models": [{"model": "s0"}],
+                "parameters": {name: value},
+            },
         ]
         expected = yaml.dump_all(docs, Dumper=yaml.SafeDumper, sort_keys=False)
         assert dump_all(docs, lambda d: yaml.dump_all(d, Dumper=yaml.SafeDumper, sort_keys=False)) == expected
