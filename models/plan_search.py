@@ -10,7 +10,7 @@ coordinates is the planned refinement; this first version aggregates pairwise fe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
@@ -26,10 +26,21 @@ PAIR_ONLY = {"slerp"}
 
 @dataclass(frozen=True)
 class Candidate:
-    """A plan before it is built: members in fold order, one setting per step (one for a k-way step)."""
+    """A plan before it is built: members in fold order, one setting per step (one for a k-way step).
+
+    Its hash is computed once: a request's plan search looks candidates up in dicts several times
+    each, and hashing the settings tuple calls `OperatorSetting.__hash__` per step every time.
+    """
 
     models: tuple[str, ...]
     settings: tuple[OperatorSetting, ...]
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.models, self.settings)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def kind(self) -> str:

@@ -30,9 +30,21 @@ class MemoFeaturizer(CandidateFeaturizer):
         super().__init__(source)
         self._aggregates: dict[tuple[tuple[str, ...], bool], np.ndarray] = {}
 
+    def rows(self, candidates: Sequence[Candidate]) -> np.ndarray:
+        """One preallocated matrix filled part by part (no per-row concatenation)."""
+        self.prefetch(sorted({m for c in candidates for m in c.models}))
+        parts = [
+            (fold_descriptor(c.settings, len(c.models), c.models), self._aggregate(c)) for c in candidates
+        ]
+        width = len(parts[0][0])
+        out = np.empty((len(parts), width + len(parts[0][1])), dtype=np.float64)
+        for row, (descriptor, block) in zip(out, parts, strict=True):
+            row[:width] = descriptor
+            row[width:] = block
+        return out
+
     def _row(self, candidate: Candidate) -> np.ndarray:
-        descriptor = fold_descriptor(candidate.settings, len(candidate.models), candidate.models)
-        return np.concatenate([descriptor, self._aggregate(candidate)])
+        return self.rows([candidate])[0]
 
     def _aggregate(self, candidate: Candidate) -> np.ndarray:
         kind = candidate.kind
