@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import bindparam, select
 
 from service.adapters import Selector
@@ -46,10 +46,7 @@ def checkpoint_bases(catalog: Catalog, names: list[str]) -> dict[str, str | None
 
 @router.post("/recommendations", response_model=RecommendationOut)
 async def recommend(
-    body: RecommendationIn,
-    catalog: Annotated[Catalog, Depends(get_catalog)],
-    selector: Annotated[Selector, Depends(get_selector)],
-    _: Annotated[str, Depends(require_scope("read"))],
+    body: RecommendationIn, request: Request, _: Annotated[str, Depends(require_scope("read"))]
 ) -> Response | dict:
     """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint.
 
@@ -59,6 +56,9 @@ async def recommend(
     """
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
+    # app.state directly rather than through Depends: each dependency is resolved per request.
+    catalog: Catalog = request.app.state.catalog
+    selector: Selector = request.app.state.selector
     bases = checkpoint_bases(catalog, body.models)
     for model in body.models:
         if model not in bases:
