@@ -2,7 +2,9 @@
 
 Three boosters share the features: the mean (L2) and the 0.1 / 0.9 quantiles; the uncertainty is
 half the 80% interval. Training is deterministic for a seed (`deterministic=True`, fixed threads).
-On disk a predictor is LightGBM's text format plus `meta.json` — no pickle.
+On disk a predictor is LightGBM's text format plus `meta.json` — no pickle. Predictions and SHAP
+contributions come from the boosters compiled by `models.compiled_trees` (the same numbers, several
+times faster than LightGBM's Python API on a few rows), or from LightGBM where a booster cannot be.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from simmerge.errors import NotFoundError, SimMergeError
+
+if TYPE_CHECKING:
+    from models.compiled_trees import CompiledEnsemble
 
 META_FILE = "meta.json"
 QUANTILES = (0.1, 0.9)
@@ -59,6 +64,10 @@ class LightGBMSelector:
     feature_names: list[str] = field(default_factory=list)
     boosters: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    # booster key -> (the booster compiled, its compiled trees or None); rebuilt, never saved
+    _compiled: dict[str, tuple[Any, CompiledEnsemble | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def _params(self, objective: str, alpha: float | None = None) -> dict[str, Any]:
         params = dict(self.params)
@@ -91,22 +100,51 @@ class LightGBMSelector:
             self.boosters[f"q{round(q * 100):02d}"] = lgb.train(
                 self._params("quantile", q), data, num_boost_round=max(1, self.rounds // 4)
             )
+        self._compile()
         return self
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.boosters:
             raise SimMergeError("the predictor is not trained")
         X = self._check(X)
-        mean = self.boosters["mean"].predict(X, num_threads=self.params.get("num_threads", 1))
-        lo = self.boosters["q10"].predict(X, num_threads=self.params.get("num_threads", 1))
-        hi = self.boosters["q90"].predict(X, num_threads=self.params.get("num_threads", 1))
+        compiled = self._compiled_for("mean", "q10", "q90")
+        if compiled is not None:
+            mean, lo, hi = (trees.predict(X) for trees in compiled)
+        else:
+            mean = self.boosters["mean"].predict(X, num_threads=self.params.get("num_threads", 1))
+            lo = self.boosters["q10"].predict(X, num_threads=self.params.get("num_threads", 1))
+            hi = self.boosters["q90"].predict(X, num_threads=self.params.get("num_threads", 1))
         return mean, np.abs(hi - lo) / 2.0
 
     def contributions(self, X: np.ndarray) -> np.ndarray:
         """Per-feature SHAP contributions to the mean prediction, (n, n_features) (bias dropped)."""
         X = self._check(X)
+        compiled = self._compiled_for("mean")
+        if compiled is not None:
+            return compiled[0].contributions(X)[:, :-1]
         threads = self.params.get("num_threads", 1)  # as predict: a few rows never pay for a thread pool
         return self.boosters["mean"].predict(X, pred_contrib=True, num_threads=threads)[:, :-1]
+
+    def _compile(self) -> None:
+        """Compile every booster's trees (None for a model the compiled evaluator does not cover)."""
+        from models.compiled_trees import CompiledEnsemble
+
+        self._compiled = {key: (b, CompiledEnsemble.from_booster(b)) for key, b in self.boosters.items()}
+
+    def _compiled_for(self, *keys: str) -> list[CompiledEnsemble] | None:
+        """The compiled trees of these boosters, or None (use LightGBM) unless every one is compiled from
+        the booster now held and reads the predictor's width (else LightGBM reports the mismatch)."""
+        compiled = []
+        for key in keys:
+            booster, trees = self._compiled.get(key, (None, None))
+            if (
+                trees is None
+                or booster is not self.boosters.get(key)
+                or trees.n_features != len(self.feature_names)
+            ):
+                return None
+            compiled.append(trees)
+        return compiled
 
     def _check(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
@@ -148,7 +186,7 @@ class LightGBMSelector:
             if not path.exists():
                 raise NotFoundError(f"predictor file {path} is missing")
             boosters[key] = lgb.Booster(model_file=str(path))
-        return cls(
+        selector = cls(
             seed=meta["seed"],
             rounds=meta["rounds"],
             params=meta["params"],
@@ -156,6 +194,8 @@ class LightGBMSelector:
             boosters=boosters,
             meta=meta,
         )
+        selector._compile()
+        return selector
 
 
 def _safe_feature_name(name: str) -> str:
