@@ -81,7 +81,7 @@ def read_chunks(
     if any(i.dtype != dtype for i in infos):
         yield 0, numel, np.stack([c.read(name).reshape(-1).to(torch.float32).numpy() for c in checkpoints])
         return
-    source = _IN_PLACE.get(dtype) or _WIDENED[dtype]
+    source = _IN_PLACE[dtype] if dtype in _IN_PLACE else _WIDENED[dtype]
     size = min(chunk, max(numel, 1))
     raw = buffers.get(len(infos), size, source)
     fds = [os.open(info.file, os.O_RDONLY) for info in infos]
@@ -197,7 +197,7 @@ class Layout:
 
 
 _PICKS_CACHED = 8  # layouts (bases) whose coordinates are kept: a few MB each for billion-weight models
-_picks_cache: OrderedDict[tuple, LayoutPicks] = OrderedDict()
+_picks_cache: OrderedDict[str, LayoutPicks] = OrderedDict()
 _picks_lock = threading.Lock()
 
 
@@ -230,7 +230,7 @@ class LayoutPicks:
 
     @classmethod
     def of(cls, layout: Layout, config: SignatureConfig) -> LayoutPicks:
-        key = (layout.key, config.seed, config.quantile_sample)
+        key = layout.key  # hashes the tensors' names, shapes and counts, the seed and the sample sizes
         with _picks_lock:
             if key not in _picks_cache:
                 _picks_cache[key] = cls(layout, config)

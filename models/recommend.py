@@ -43,9 +43,6 @@ class MemoFeaturizer(CandidateFeaturizer):
             row[width:] = block
         return out
 
-    def _row(self, candidate: Candidate) -> np.ndarray:
-        return self.rows([candidate])[0]
-
     def _aggregate(self, candidate: Candidate) -> np.ndarray:
         kind = candidate.kind
         # Only a fold weighs its pairs (by fold order); other kinds depend on the member set alone.
