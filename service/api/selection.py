@@ -50,9 +50,10 @@ async def recommend(
 ) -> Response | dict:
     """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint.
 
-    Runs on the event loop, not the thread pool: the lookup and the selector take well under a
-    millisecond once the predictor is loaded, less than two thread hand-offs, and the selector answers
-    one request at a time anyway. The plans are serialised here (`RecommendationOut` documents them).
+    Runs on the event loop, not the thread pool: the lookup and the selector are a few milliseconds of
+    CPU once the predictor is loaded, the selector answers one request at a time anyway, and two thread
+    hand-offs per request cost more than they overlap. The plans are serialised here
+    (`RecommendationOut` documents them).
     """
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
