@@ -201,20 +201,37 @@ def recommend_loaded(
     base: str | None = None,
 ) -> dict[str, Any]:
     """Rank plans with an already loaded predictor and feature source (the service keeps them warm)."""
-    from models.recommend import recommend_plans
+    from models.plan_ranking import PlanQuery
 
-    result = recommend_plans(
-        list(models),
+    query = PlanQuery(tuple(models), base, max_models)
+    return recommend_loaded_many([query], selector, meta, source, home=home, top=[top], tasks=[task])[0]
+
+
+def recommend_loaded_many(
+    queries: Sequence[Any],
+    selector: Any,
+    meta: dict[str, Any],
+    source: PairFeatureSource,
+    *,
+    home: Path,
+    top: Sequence[int],
+    tasks: Sequence[str | None],
+) -> list[dict[str, Any]]:
+    """`recommend_loaded` for a batch of `models.plan_ranking.PlanQuery`s (one search for them all)."""
+    from models.recommend import recommend_many
+
+    results = recommend_many(
+        queries,
         selector,
         source,
         meta.get("input_feature_names") or selector.feature_names,
         top=top,
-        max_models=max_models,
-        base=base,
         settings=settings_of(meta),
     )
-    _apply_bandit(home, result, source, task)
-    return result
+    bandit = _read_only_bandit(_bandit_path(home))
+    for result, task in zip(results, tasks, strict=True):
+        _apply_bandit(bandit, result, source, task)
+    return results
 
 
 def score_catalog(
@@ -340,9 +357,8 @@ def bandit_add_arm(
     return setting.key
 
 
-def _apply_bandit(home: Path, result: dict[str, Any], source: PairFeatureSource, task: str | None) -> None:
+def _apply_bandit(bandit: Any, result: dict[str, Any], source: PairFeatureSource, task: str | None) -> None:
     """Once feedback exists, single-step plans also carry the bandit's estimate (prior + what it learned)."""
-    bandit = _read_only_bandit(_bandit_path(home))
     if bandit is None or sum(bandit.pulls.values()) == 0:
         return
     for plan in result["plans"]:
@@ -392,6 +408,3 @@ def _bandit_stamp(path: Path) -> tuple[tuple[int, int, int], ...] | None:
         )
     except FileNotFoundError:
         return None
-
-
-apply_bandit = _apply_bandit  # public name for callers that keep the predictor warm (the service)

@@ -291,6 +291,32 @@ def _fold_descriptor(settings: Sequence[OperatorSetting], n_models: int, models:
     return _assemble(steps, "fold" if len(settings) > 1 else ("pair" if n_models == 2 else "kway"), n_models)
 
 
+def step_vectors(settings: Sequence[OperatorSetting], *, flipped: bool = False) -> np.ndarray:
+    """(settings, step width): each setting's step vector; `flipped`: as the single step of a 2-way merge
+    whose first model sorts after the second (`oriented_params`)."""
+    order = ("b", "a") if flipped else ()
+    return np.stack(
+        [_step_vector(s.method, oriented_params(s.method, s.params, order), ()) for s in settings]
+    )
+
+
+def descriptor_rows(steps: np.ndarray, n_models: int) -> np.ndarray:
+    """`fold_descriptor` of many candidates at once, to the last bit: `steps` (candidates, n_steps, step
+    width) holds each candidate's step vectors, `n_models` its member count (the same for all)."""
+    n_steps = steps.shape[1]
+    weights = 2.0 ** np.arange(n_steps)
+    body = steps[:, 0] * weights[0]
+    for i in range(1, n_steps):  # np.average's order: weighted steps added one by one, then divided
+        body = body + steps[:, i] * weights[i]
+    body = body / weights.sum()
+    kind = "fold" if n_steps > 1 else ("pair" if n_models == 2 else "kway")
+    tail = [1.0 if kind == k else 0.0 for k in KINDS] + [float(n_models), float(n_steps)]
+    rows = np.empty((len(steps), body.shape[1] + len(tail)))
+    rows[:, : body.shape[1]] = body
+    rows[:, body.shape[1] :] = tail
+    return rows
+
+
 ARM_FEATURE_NAMES = [
     n for n in descriptor_names() if not n.startswith(("op:kind=", "op:n_models", "op:n_steps"))
 ]

@@ -62,7 +62,7 @@ class Candidate:
         return Plan.single(
             setting.method,
             list(self.models),
-            base=base if _needs_base(setting) else None,
+            base=base if needs_base(setting) else None,
             parameters=params,
             model_parameters=[{"weight": weight} for _ in self.models],
         )
@@ -115,7 +115,7 @@ class CandidateFeaturizer:
         )
 
 
-def _needs_base(setting: OperatorSetting) -> bool:
+def needs_base(setting: OperatorSetting) -> bool:
     return family_of(setting.method) not in ("linear", "slerp")
 
 
@@ -130,7 +130,7 @@ def _step_params(setting: OperatorSetting) -> dict:
 
 def usable_settings(settings: Sequence[OperatorSetting], base: str | None) -> list[OperatorSetting]:
     """Without a known base only base-free operators can run."""
-    return [s for s in settings if base is not None or not _needs_base(s)]
+    return [s for s in settings if base is not None or not needs_base(s)]
 
 
 @dataclass

@@ -7,52 +7,16 @@ the linear model), so a user sees why a plan ranks where it does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from models.dataset import PairFeatureSource, aggregate_pair_rows, member_pairs, pair_weights
-from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, fold_descriptor, preserves_identity
-from models.plan_search import Candidate, CandidateFeaturizer, ScoredCandidate, search_plans
+from models.dataset import PairFeatureSource, member_pairs
+from models.descriptors import DEFAULT_SETTINGS, OperatorSetting
+from models.plan_ranking import PlanQuery, SettingTable, pair_rows_for, rank_plans
+from models.plan_search import ScoredCandidate
 from simmerge.errors import SimMergeError
-
-
-class MemoFeaturizer(CandidateFeaturizer):
-    """Same rows as `CandidateFeaturizer`, built from parts shared across candidates.
-
-    A request scores ~10 settings per member subset: the aggregated pair block depends only on the
-    members (and whether the plan is a fold), the descriptor only on the settings, so each is computed
-    once and the row is their concatenation, with identical values.
-    """
-
-    def __init__(self, source: PairFeatureSource) -> None:
-        super().__init__(source)
-        self._aggregates: dict[tuple[tuple[str, ...], bool], np.ndarray] = {}
-
-    def rows(self, candidates: Sequence[Candidate]) -> np.ndarray:
-        """One preallocated matrix filled part by part (no per-row concatenation)."""
-        self.prefetch(sorted({m for c in candidates for m in c.models}))
-        parts = [
-            (fold_descriptor(c.settings, len(c.models), c.models), self._aggregate(c)) for c in candidates
-        ]
-        width = len(parts[0][0])
-        out = np.empty((len(parts), width + len(parts[0][1])), dtype=np.float64)
-        for row, (descriptor, block) in zip(out, parts, strict=True):
-            row[:width] = descriptor
-            row[width:] = block
-        return out
-
-    def _aggregate(self, candidate: Candidate) -> np.ndarray:
-        kind = candidate.kind
-        # Only a fold weighs its pairs (by fold order); other kinds depend on the member set alone.
-        key = (candidate.models, True) if kind == "fold" else (tuple(sorted(candidate.models)), False)
-        block = self._aggregates.get(key)
-        if block is None:
-            pair_rows = np.stack([self._cache[p] for p in member_pairs(candidate.models)])
-            block = aggregate_pair_rows(pair_rows, pair_weights(candidate.models, kind))
-            self._aggregates[key] = block
-        return block
 
 
 def drivers(
@@ -96,48 +60,73 @@ def recommend_plans(
     rank first, each group in predicted order. The regressor cannot tell those apart reliably: on the
     full zoo, TIES at density 0.8 of an expert with itself scores 0.99997 against linear's 1.0.
     """
-    if top < 1:
-        raise SimMergeError(f"top={top} must be at least 1")
-    featurizer = MemoFeaturizer(source)
-    scored = search_plans(
-        models,
+    query = PlanQuery(tuple(models), base, max_models)
+    return recommend_many(
+        [query], selector, source, feature_names, top=[top], settings=settings, beam_width=beam_width
+    )[0]
+
+
+def recommend_many(
+    queries: Sequence[PlanQuery],
+    selector: Any,
+    source: PairFeatureSource,
+    feature_names: Sequence[str],
+    *,
+    top: Sequence[int],
+    settings: Sequence[OperatorSetting] = DEFAULT_SETTINGS,
+    beam_width: int = 8,
+) -> list[dict[str, list[dict[str, Any]]]]:
+    """`recommend_plans` for several queries at once (the service's batch): one pair-feature read, one
+    prediction per search round and one explanation call for them all."""
+    for k in top:
+        if k < 1:
+            raise SimMergeError(f"top={k} must be at least 1")
+    pair_rows = pair_rows_for(source, queries)
+    identical = [signatures_identical(source.feature_names, pair_rows, q.models) for q in queries]
+    ranked = rank_plans(
+        queries,
         selector,
-        featurizer,
-        settings=settings,
-        base=base,
-        max_models=max_models,
+        pair_rows,
+        setting_table(settings),
+        top=top,
+        identity_first=identical,
         beam_width=beam_width,
     )
-    if signatures_identical(featurizer, models):
-        scored = sorted(scored, key=lambda s: not _returns_its_input(s.candidate))  # stable: keeps order
-    scored = scored[:top]
-    why = drivers(selector, np.stack([s.row for s in scored]), feature_names)
-    return {
-        "plans": [
-            _plan_dict(rank, s, base, d) for rank, (s, d) in enumerate(zip(scored, why, strict=True), 1)
-        ]
-    }
+    why = iter(drivers(selector, np.stack([s.row for plans in ranked for s in plans]), feature_names))
+    return [
+        {"plans": [_plan_dict(rank, s, q.base, next(why)) for rank, s in enumerate(plans, 1)]}
+        for q, plans in zip(queries, ranked, strict=True)
+    ]
 
+
+def setting_table(settings: Sequence[OperatorSetting]) -> SettingTable:
+    """The step vectors of `settings`, kept for the last few settings lists (a predictor has one)."""
+    key = tuple(s.key for s in settings)
+    table = _SETTING_TABLES.get(key)
+    if table is None:
+        if len(_SETTING_TABLES) >= 8:
+            _SETTING_TABLES.clear()
+        table = _SETTING_TABLES[key] = SettingTable(settings)
+    return table
+
+
+_SETTING_TABLES: dict[tuple[str, ...], SettingTable] = {}
 
 # Pair features that are exactly zero when two signatures are equal: the task vectors at every sampled
 # coordinate, and the next-token distributions at every probe position.
 IDENTITY_FEATURES = ("tv_dist", "js_mean")
 
 
-def signatures_identical(featurizer: CandidateFeaturizer, models: Sequence[str]) -> bool:
+def signatures_identical(
+    feature_names: Sequence[str], pair_rows: Mapping[tuple[str, str], np.ndarray], models: Sequence[str]
+) -> bool:
     """True when every pair of `models` has equal signatures (needs the features package's columns)."""
-    names = list(featurizer.source.feature_names)
+    names = list(feature_names)
     if not all(f in names for f in IDENTITY_FEATURES):
         return False
     columns = [names.index(f) for f in IDENTITY_FEATURES]
-    featurizer.prefetch(models)
-    return all(not np.any(featurizer.pair_row(pair)[columns]) for pair in member_pairs(models))
-
-
-def _returns_its_input(candidate: Candidate) -> bool:
-    """Every step returns its input when its inputs are copies of one checkpoint."""
-    inputs = [len(candidate.models)] if len(candidate.settings) == 1 else [2] * len(candidate.settings)
-    return all(preserves_identity(s, n) for s, n in zip(candidate.settings, inputs, strict=True))
+    pairs = member_pairs(list(dict.fromkeys(models)))
+    return all(not np.any(pair_rows[pair][columns]) for pair in pairs)
 
 
 def _plan_dict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,13 +21,21 @@ Progress = Callable[[float, str | None], None]
 log = logging.getLogger("simmerge.service")
 
 
+@dataclass(frozen=True)
+class RecommendationQuery:
+    """One recommendation request as the selector sees it (`base`: the experts' common base, if any)."""
+
+    models: tuple[str, ...]
+    top: int
+    task: str | None = None
+    base: str | None = None
+
+
 class Selector(Protocol):
     """What the recommendation and feedback endpoints need from the learned selector."""
 
-    def recommend(
-        self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Ranked plans (`base`: the experts' common base, if any).
+    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[list[dict[str, Any]]]:
+        """Each query's ranked plans, computed together (the requests a busy server batches).
 
         Dicts with rank, models, steps, predicted_score, uncertainty, mergekit_yaml, drivers.
         """
@@ -145,17 +154,23 @@ class ModelsSelector:
         if hasattr(predictor, "contributions"):
             predictor.contributions(row)
 
-    def recommend(
-        self, models: Sequence[str], *, top: int, task: str | None, base: str | None = None
-    ) -> list[dict[str, Any]]:
-        """What `models.api.recommend` does, with the predictor and source kept warm."""
+    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[list[dict[str, Any]]]:
+        """What `models.api.recommend` does for each query, with the predictor and source kept warm."""
+        from models.plan_ranking import PlanQuery
+
         api = self._api()
         with self._lock:  # one prediction at a time: LightGBM parallelises inside a call
             predictor, meta, source = self._loaded(api)
-            result = api.recommend_loaded(
-                models, predictor, meta, source, home=self.home, top=top, task=task, base=base
+            results = api.recommend_loaded_many(
+                [PlanQuery(q.models, q.base) for q in queries],
+                predictor,
+                meta,
+                source,
+                home=self.home,
+                top=[q.top for q in queries],
+                tasks=[q.task for q in queries],
             )
-        return list(result["plans"])
+        return [list(result["plans"]) for result in results]
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ from service.adapters import ModelsSelector, Selector
 from service.api import admin, checkpoints, jobs, operators, selection, tasks
 from service.api.errors import UnavailableError, install_error_handlers
 from service.auth import load_configured_tokens
+from service.batching import RecommendationBatcher
 from service.db import JOB_STATUSES
 from service.jobs.manager import JobManager
 from service.settings import ServiceSettings
@@ -55,6 +56,12 @@ class Metrics:
             "HTTP request latency",
             ["method", "route"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
+        self.recommendation_batch = Histogram(
+            "simmerge_recommendation_batch_size",
+            "Recommendation requests answered by one selector call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
         self.jobs = Gauge(
@@ -174,11 +181,15 @@ def create_app(
     app.state.selector = selector or ModelsSelector(settings.home_dir, catalog, settings.pair_features)
     app.state.jobs = None
     app.state.metrics = metrics = Metrics()
+    app.state.recommendations = RecommendationBatcher(
+        app.state.selector, catalog.bases, observe=metrics.recommendation_batch.observe
+    )
     install_error_handlers(app)
 
     app.add_middleware(RequestMetrics, metrics=metrics)
 
-    for module in (checkpoints, tasks, operators, selection, jobs, admin):
+    # Routes are matched in order: the recommendation route, the one under load, is tried first.
+    for module in (selection, checkpoints, tasks, operators, jobs, admin):
         app.include_router(module.router, prefix=API_PREFIX)
 
     @app.get("/healthz", tags=["health"])

@@ -13,7 +13,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Integer, String, create_engine, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Integer,
+    String,
+    bindparam,
+    create_engine,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -135,6 +145,11 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+_BASES = select(CheckpointRow.name, CheckpointRow.base).where(
+    CheckpointRow.name.in_(bindparam("names", expanding=True))
+)
+
+
 class Catalog:
     """Registered checkpoints and tasks. Use as a context manager, or call `close()`."""
 
@@ -199,6 +214,12 @@ class Catalog:
     def has(self, name: str) -> bool:
         with Session(self.engine) as session:
             return session.scalar(select(CheckpointRow.id).where(CheckpointRow.name == name)) is not None
+
+    def bases(self, names: Iterable[str]) -> dict[str, str | None]:
+        """Name → base of the named checkpoints that exist, in one Core query (no ORM session): the
+        service looks up every recommendation's checkpoints this way, a batch of requests at a time."""
+        with self.engine.connect() as connection:
+            return dict(connection.execute(_BASES, {"names": list(names)}).all())
 
     def get(self, name: str) -> CatalogEntry:
         with Session(self.engine) as session:

@@ -21,9 +21,10 @@ from models.descriptors import (
 )
 from models.evaluate import held_out_catalog, held_out_pairs, leave_one_task_out, markdown_table
 from models.metrics import evaluate_selection, ndcg_at_k
+from models.plan_ranking import PlanQuery
 from models.plan_search import Candidate, CandidateFeaturizer, search_plans
 from models.predictor import LightGBMSelector, load_selector
-from models.recommend import recommend_plans
+from models.recommend import recommend_many, recommend_plans
 from models.score_catalog import best_per_pair, plot_best_merges, score_pairs, write_table
 from models.synthetic import SyntheticCatalog, make_catalog, make_labels
 from simmerge.errors import PlanError, SimMergeError
@@ -302,10 +303,19 @@ def test_recommend_returns_runnable_yaml_for_folds(catalog, predictor, data):
     assert [p["rank"] for p in out["plans"]] == list(range(1, len(out["plans"]) + 1))
 
 
-def _reference_plans(models, predictor, source, names, *, top, base, max_models=None):
+def _returns_its_input(candidate):
+    from models.descriptors import preserves_identity
+
+    inputs = [len(candidate.models)] if len(candidate.settings) == 1 else [2] * len(candidate.settings)
+    return all(preserves_identity(s, n) for s, n in zip(candidate.settings, inputs, strict=True))
+
+
+def _reference_plans(models, predictor, source, names, *, top, base, max_models=None, identity_first=False):
     """The recommendation computed the slow, plain way: per-candidate rows, SHAP on LightGBM's
     defaults, PyYAML's Python emitter. The fast path must give exactly this."""
     scored = search_plans(models, predictor, CandidateFeaturizer(source), base=base, max_models=max_models)
+    if identity_first:  # copies of one checkpoint: plans that return their input first, stably
+        scored = sorted(scored, key=lambda s: not _returns_its_input(s.candidate))
     scored = scored[:top]
     rows = np.stack([s.row for s in scored])
     contrib = predictor.boosters["mean"].predict(rows, pred_contrib=True)[:, :-1]
@@ -349,20 +359,106 @@ def test_recommend_fast_path_gives_exactly_the_plain_answer(
         assert {p["kind"] for p in out["plans"]} >= ({"pair"} if n_models == 2 else {"pair", "fold"})
 
 
-def test_memo_featurizer_rows_equal_plain_rows(catalog):
-    from models.recommend import MemoFeaturizer
+class _IdentityColumns:
+    """A synthetic catalog whose first two columns carry the identity features' names (zero for copies)."""
 
-    a, b, c = catalog.names[:3]
-    settings = [OperatorSetting("slerp", {"t": 0.3}), OperatorSetting("ties", {"density": 0.5})]
-    candidates = [
-        Candidate(models, (s,)) for models in ((a, b), (b, a), (a, b, c), (c, a, b)) for s in settings
+    def __init__(self, catalog: SyntheticCatalog) -> None:
+        self.catalog = catalog
+        self.feature_names = ["tv_dist", "js_mean", *catalog.feature_names[2:]]
+
+    def pair_features(self, pairs):
+        rows = self.catalog.pair_features(pairs)
+        return np.column_stack([rows[:, 1], rows[:, 3], rows[:, 2:]])  # distance, |norm difference|
+
+
+def test_recommend_many_gives_each_query_its_plain_answer(predictor, data):
+    twin = make_catalog(n_tasks=2, per_task=2, seed=11)
+    name = twin.names[0]
+    twin.names.append(f"{name}-copy")
+    twin.vectors[f"{name}-copy"] = twin.vectors[name].copy()
+    source = _IdentityColumns(twin)
+    queries = [
+        PlanQuery((name, f"{name}-copy"), "base"),
+        PlanQuery(tuple(twin.names[:3]), "base"),
+        PlanQuery(tuple(twin.names[1:4]), None),
     ]
-    candidates += [Candidate((a, b, c), tuple(settings)), Candidate((c, b, a), tuple(settings))]
-    memo = MemoFeaturizer(catalog)
-    for _ in range(2):
-        assert np.array_equal(memo.rows(candidates), CandidateFeaturizer(catalog).rows(candidates))
-    rows = memo.rows(candidates)  # fold order still matters after memoising the shared parts
-    assert not np.array_equal(rows[-1], rows[-2])
+    out = recommend_many(queries, predictor, source, data.feature_names, top=[6, 9, 4])
+    for query, k, result, identical in zip(queries, (6, 9, 4), out, (True, False, False), strict=True):
+        expected = _reference_plans(
+            list(query.models),
+            predictor,
+            source,
+            data.feature_names,
+            top=k,
+            base=query.base,
+            identity_first=identical,
+        )
+        assert [{key: p[key] for key in expected[0]} for p in result["plans"]] == expected
+    assert out[0]["plans"][0]["steps"][0]["method"] in {"linear", "slerp", "task_arithmetic"}
+    with pytest.raises(SimMergeError, match="top=0"):
+        recommend_many(queries[:1], predictor, source, data.feature_names, top=[0])
+
+
+def test_rank_plans_batch_equals_search_plans_per_query(catalog, predictor):
+    """The array search, many queries in one batch, gives each query exactly `search_plans`' candidates:
+    the same plans, rows, predictions and order (3- and 4-step folds, k-way, no base, duplicates)."""
+    from models.plan_ranking import SettingTable, pair_rows_for, rank_plans
+
+    names = catalog.names
+    queries = [
+        PlanQuery(tuple(names[:2]), "base"),
+        PlanQuery(tuple(reversed(names[:3])), "base"),
+        PlanQuery(tuple(names[2:7]), "base", 4),
+        PlanQuery(tuple(names[1:5]), None),
+        PlanQuery((names[4], names[4], names[0], names[3]), "base", 3),
+    ]
+    table = SettingTable(DEFAULT_SETTINGS)
+    ranked = rank_plans(
+        queries, predictor, pair_rows_for(catalog, queries), table, top=[1000] * len(queries), beam_width=3
+    )
+    for query, got in zip(queries, ranked, strict=True):
+        expected = search_plans(
+            query.models,
+            predictor,
+            CandidateFeaturizer(catalog),
+            base=query.base,
+            max_models=query.max_models,
+            beam_width=3,
+        )
+        assert [s.candidate for s in got] == [s.candidate for s in expected]
+        assert [(s.predicted, s.uncertainty) for s in got] == [(s.predicted, s.uncertainty) for s in expected]
+        assert np.array_equal(np.stack([s.row for s in got]), np.stack([s.row for s in expected]))
+    assert max(len(s.candidate.settings) for s in ranked[2]) == 3  # 4-member folds were searched
+    with pytest.raises(PlanError, match="at least two"):
+        rank_plans([PlanQuery((names[0], names[0]))], predictor, {}, table, top=[3])
+
+
+def test_descriptor_rows_equal_fold_descriptor():
+    from models.descriptors import descriptor_rows, fold_descriptor, step_vectors
+
+    settings = list(DEFAULT_SETTINGS)
+    plain, flipped = step_vectors(settings), step_vectors(settings, flipped=True)
+    for n_steps, n_models in ((1, 2), (1, 4), (2, 3), (3, 4)):
+        picks = np.random.default_rng(n_steps).integers(0, len(settings), size=(12, n_steps))
+        for models, vectors in ((("a", "b", "c", "d"), plain), (("b", "a"), flipped)):
+            if n_steps > 1 and vectors is flipped:
+                continue
+            rows = descriptor_rows(vectors[picks], n_models)
+            for row, pick in zip(rows, picks, strict=True):
+                chosen = [settings[i] for i in pick]
+                assert np.array_equal(row, fold_descriptor(chosen, n_models, models[:n_models]))
+
+
+def test_aggregate_pair_rows_is_numpys_average_min_max():
+    from models.dataset import aggregate_pair_rows
+
+    rng = np.random.default_rng(0)
+    for n_pairs in (1, 2, 3, 7, 8, 9, 21, 33):
+        rows = rng.normal(size=(n_pairs, 5)) * 10.0 ** rng.integers(-8, 8, size=(n_pairs, 1))
+        weights = rng.random(n_pairs) * 1e3
+        for w in (None, weights):
+            expected = np.concatenate([np.average(rows, axis=0, weights=w), rows.min(0), rows.max(0)])
+            assert np.array_equal(aggregate_pair_rows(rows, w), expected)
 
 
 def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 
+from service.adapters import RecommendationQuery
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.test_service_support import auth, database, make_family, token_settings  # noqa: F401
@@ -49,6 +50,9 @@ class FakeSelector:
             }
             for rank, (score, family, step) in enumerate(scored[:top], start=1)
         ]
+
+    def recommend_many(self, queries: list[RecommendationQuery]) -> list[list[dict[str, Any]]]:
+        return [self.recommend(list(q.models), top=q.top, task=q.task, base=q.base) for q in queries]
 
     def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
         self.rewards[plan["plan"]["steps"][-1]["merge_method"]].append(score)

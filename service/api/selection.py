@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from sqlalchemy import bindparam, select
 
-from service.adapters import Selector
+from service.adapters import RecommendationQuery, Selector
 from service.api.deps import get_catalog, get_selector, get_store
 from service.api.schemas import (
     FeedbackIn,
@@ -18,16 +17,14 @@ from service.api.schemas import (
     RecommendedPlan,
 )
 from service.auth import require_scope
+from service.batching import RecommendationBatcher
 from service.store import Store
-from simmerge.catalog import Catalog, CheckpointRow
+from simmerge.catalog import Catalog
 from simmerge.errors import NotFoundError, SimMergeError
 
 router = APIRouter(tags=["recommendations"])
 
 
-_BASES = select(CheckpointRow.name, CheckpointRow.base).where(
-    CheckpointRow.name.in_(bindparam("names", expanding=True))
-)
 # Keys a client may rely on that the selector leaves out when they do not apply (the response model's
 # defaults), so the pre-serialised response has the same shape as a validated one.
 _PLAN_DEFAULTS = {
@@ -37,40 +34,26 @@ _PLAN_DEFAULTS = {
 }
 
 
-def checkpoint_bases(catalog: Catalog, names: list[str]) -> dict[str, str | None]:
-    """Name → base for the named checkpoints that exist: one Core query, no ORM session (this path is
-    latency-bound; the statement is compiled once and cached by SQLAlchemy)."""
-    with catalog.engine.connect() as connection:
-        return dict(connection.execute(_BASES, {"names": names}).all())
-
-
 @router.post("/recommendations", response_model=RecommendationOut)
 async def recommend(
     body: RecommendationIn, request: Request, _: Annotated[str, Depends(require_scope("read"))]
 ) -> Response | dict:
     """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint.
 
-    Runs on the event loop, not the thread pool: the lookup and the selector are a few milliseconds of
-    CPU once the predictor is loaded, the selector answers one request at a time anyway, and two thread
-    hand-offs per request cost more than they overlap. The plans are serialised here
-    (`RecommendationOut` documents them).
+    Runs on the event loop, not the thread pool: the lookup and the selector are about a millisecond of
+    CPU once the predictor is loaded, a process runs one selector call at a time anyway, and thread
+    hand-offs cost more than they overlap. Requests that arrive together share one selector call
+    (`service.batching`). The plans are serialised here (`RecommendationOut` documents them).
     """
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
     # app.state directly rather than through Depends: each dependency is resolved per request.
-    catalog: Catalog = request.app.state.catalog
-    selector: Selector = request.app.state.selector
-    bases = checkpoint_bases(catalog, body.models)
-    for model in body.models:
-        if model not in bases:
-            raise NotFoundError(f"{model!r} is not a checkpoint in the catalog")
-    shared = set(bases.values())
-    base = shared.pop() if len(shared) == 1 else None
-    plans = selector.recommend(body.models, top=body.top, task=body.task, base=base)
+    recommendations: RecommendationBatcher = request.app.state.recommendations
+    plans = await recommendations.recommend(RecommendationQuery(tuple(body.models), body.top, body.task))
     result = {"plans": [{**_PLAN_DEFAULTS, **plan} for plan in plans], "task": body.task}
-    try:
-        return Response(json.dumps(result, allow_nan=False), media_type="application/json")
-    except (TypeError, ValueError):  # a NaN or an unusual type: let the response model convert it
+    try:  # NaN and infinities become null, as the response model writes them
+        return Response(orjson.dumps(result), media_type="application/json")
+    except orjson.JSONEncodeError:  # a type orjson does not know: let the response model convert it
         return result
 
 
