@@ -533,9 +533,9 @@ def _contribution_rows(columns, trees, splits, children, paths, tables, out) -> 
     size = len(path[0]) + 1
     nodes, edge_bits, hots = np.empty(size, np.int64), np.empty(size, np.uint64), np.empty(size, np.uint64)
     bias = out.shape[1] - 1
-    for r in range(columns.shape[1]):
-        phi = out[r]
-        for t in range(len(leaf_start) - 1):
+    for t in range(len(leaf_start) - 1):  # trees outside: a tree's tables are read for all rows at once
+        for r in range(columns.shape[1]):
+            phi = out[r]
             phi[bias] += expected[t]
             first, end = split_start[t], split_start[t + 1]
             if end == first:
