@@ -26,6 +26,7 @@ import simmerge
 from service.adapters import ModelsSelector, Selector
 from service.api import admin, checkpoints, jobs, operators, selection, tasks
 from service.api.errors import UnavailableError, install_error_handlers
+from service.api.fast_path import RecommendationFastPath
 from service.auth import load_configured_tokens
 from service.batching import RecommendationBatcher
 from service.db import JOB_STATUSES
@@ -186,7 +187,8 @@ def create_app(
     )
     install_error_handlers(app)
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RecommendationFastPath, prefix=API_PREFIX)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees every request
 
     # Routes are matched in order: the recommendation route, the one under load, is tried first.
     for module in (selection, checkpoints, tasks, operators, jobs, admin):

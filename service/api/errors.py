@@ -58,11 +58,16 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def error_response(exc: SimMergeError) -> JSONResponse:
+    """The envelope of a SimMergeError, with its status (and the challenge header for a 401)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    return envelope(exc.http_status, error_code(exc), str(exc), headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SimMergeError)
     async def _simmerge(_request: Request, exc: SimMergeError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        return envelope(exc.http_status, error_code(exc), str(exc), headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -34,7 +34,10 @@ _PLAN_DEFAULTS = {
 }
 
 
-@router.post("/recommendations", response_model=RecommendationOut)
+RECOMMENDATIONS = "/recommendations"
+
+
+@router.post(RECOMMENDATIONS, response_model=RecommendationOut)
 async def recommend(
     body: RecommendationIn, request: Request, _: Annotated[str, Depends(require_scope("read"))]
 ) -> Response | dict:
@@ -43,18 +46,30 @@ async def recommend(
     Runs on the event loop, not the thread pool: the lookup and the selector are about a millisecond of
     CPU once the predictor is loaded, a process runs one selector call at a time anyway, and thread
     hand-offs cost more than they overlap. Requests that arrive together share one selector call
-    (`service.batching`). The plans are serialised here (`RecommendationOut` documents them).
+    (`service.batching`). Well-formed requests usually reach `ranked_plans` through the plain-ASGI
+    `RecommendationFastPath` instead; this route documents the endpoint and answers everything else.
     """
+    # app.state directly rather than through Depends: each dependency is resolved per request.
+    result = await ranked_plans(request.app.state.recommendations, body)
+    data = encoded(result)
+    return result if data is None else Response(data, media_type="application/json")
+
+
+async def ranked_plans(recommendations: RecommendationBatcher, body: RecommendationIn) -> dict[str, Any]:
+    """The response body: the plans with every key the response model has (its defaults filled in)."""
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
-    # app.state directly rather than through Depends: each dependency is resolved per request.
-    recommendations: RecommendationBatcher = request.app.state.recommendations
     plans = await recommendations.recommend(RecommendationQuery(tuple(body.models), body.top, body.task))
-    result = {"plans": [{**_PLAN_DEFAULTS, **plan} for plan in plans], "task": body.task}
-    try:  # NaN and infinities become null, as the response model writes them
-        return Response(orjson.dumps(result), media_type="application/json")
-    except orjson.JSONEncodeError:  # a type orjson does not know: let the response model convert it
-        return result
+    return {"plans": [{**_PLAN_DEFAULTS, **plan} for plan in plans], "task": body.task}
+
+
+def encoded(result: dict[str, Any]) -> bytes | None:
+    """The JSON of a response body, or None for a type orjson does not know (the response model converts
+    it then). NaN and infinities become null, as the response model writes them."""
+    try:
+        return orjson.dumps(result)
+    except orjson.JSONEncodeError:
+        return None
 
 
 @router.post("/feedback", response_model=FeedbackOut, status_code=201, tags=["feedback"])
