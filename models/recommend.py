@@ -7,14 +7,14 @@ the linear model), so a user sees why a plan ranks where it does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from models.dataset import PairFeatureSource, member_pairs
 from models.descriptors import DEFAULT_SETTINGS, OperatorSetting
-from models.plan_ranking import PlanQuery, SettingTable, pair_rows_for, rank_plans
+from models.plan_ranking import PairRows, PlanQuery, SettingTable, pair_rows_for, rank_plans
 from models.plan_search import ScoredCandidate
 from simmerge.errors import SimMergeError
 
@@ -117,9 +117,7 @@ _SETTING_TABLES: dict[tuple[str, ...], SettingTable] = {}
 IDENTITY_FEATURES = ("tv_dist", "js_mean")
 
 
-def signatures_identical(
-    feature_names: Sequence[str], pair_rows: Mapping[tuple[str, str], np.ndarray], models: Sequence[str]
-) -> bool:
+def signatures_identical(feature_names: Sequence[str], pair_rows: PairRows, models: Sequence[str]) -> bool:
     """True when every pair of `models` has equal signatures (needs the features package's columns)."""
     names = list(feature_names)
     if not all(f in names for f in IDENTITY_FEATURES):

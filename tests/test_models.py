@@ -411,6 +411,7 @@ def test_rank_plans_batch_equals_search_plans_per_query(catalog, predictor):
         PlanQuery(tuple(names[2:7]), "base", 4),
         PlanQuery(tuple(names[1:5]), None),
         PlanQuery((names[4], names[4], names[0], names[3]), "base", 3),
+        PlanQuery(tuple(names[:6]), "base"),  # folds of six: 15 member pairs per aggregate
     ]
     table = SettingTable(DEFAULT_SETTINGS)
     ranked = rank_plans(
@@ -430,7 +431,7 @@ def test_rank_plans_batch_equals_search_plans_per_query(catalog, predictor):
         assert np.array_equal(np.stack([s.row for s in got]), np.stack([s.row for s in expected]))
     assert max(len(s.candidate.settings) for s in ranked[2]) == 3  # 4-member folds were searched
     with pytest.raises(PlanError, match="at least two"):
-        rank_plans([PlanQuery((names[0], names[0]))], predictor, {}, table, top=[3])
+        rank_plans([PlanQuery((names[0], names[0]))], predictor, pair_rows_for(catalog, []), table, top=[3])
 
 
 def test_descriptor_rows_equal_fold_descriptor():
