@@ -170,11 +170,16 @@ def _beams(grown: _Round, n_queries: int, beam_width: int) -> list[list[Beam]]:
     """Each query's best `beam_width` candidates of a round, best first (ties: earlier first)."""
     order = np.lexsort((-grown.predicted, grown.query))  # by query, then predicted; stable
     beams: list[list[Beam]] = [[] for _ in range(n_queries)]
-    for c in order.tolist():
-        kept = beams[grown.query[c]]
-        if len(kept) < beam_width:
-            kept.append((grown.orders[grown.order_of[c]], tuple(grown.steps[c].tolist())))
+    for c in _first_of_each_query(order, grown.query, np.full(n_queries, beam_width)).tolist():
+        beams[grown.query[c]].append((grown.orders[grown.order_of[c]], tuple(grown.steps[c].tolist())))
     return beams
+
+
+def _first_of_each_query(order: np.ndarray, query: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The entries of `order` (grouped by query) that are among the first `counts[q]` of their query."""
+    grouped = query[order]
+    starts = np.searchsorted(grouped, grouped, side="left")  # where each entry's query group begins
+    return order[np.arange(len(order)) - starts < counts[grouped]]
 
 
 def _pairs(
@@ -293,16 +298,13 @@ def _best(
         keys.append(~_returns_input(rounds, table, identity_first))
     order = np.lexsort([*keys, query])  # by query first; stable, so ties keep the order found
     out: list[list[ScoredCandidate]] = [[] for _ in top]
-    for index in order.tolist():
-        q = int(query[index])
-        if len(out[q]) >= top[q]:
-            continue
+    for index in _first_of_each_query(order, query, np.asarray(top)).tolist():
         r = int(np.searchsorted(starts, index, side="right")) - 1
         found, c = rounds[r], index - starts[r]
         candidate = Candidate(
             found.orders[found.order_of[c]], tuple(table.settings[j] for j in found.steps[c].tolist())
         )
-        out[q].append(
+        out[int(query[index])].append(
             ScoredCandidate(candidate, float(found.predicted[c]), float(found.uncertainty[c]), found.rows[c])
         )
     return out
