@@ -29,16 +29,20 @@ def drivers(
         contrib = selector._standardise(rows) * selector.coef
     else:
         return [[] for _ in rows]
-    out = []
-    for row, values in zip(rows, contrib, strict=True):
-        order = np.argsort(-np.abs(values), kind="stable")[:k]
-        out.append(
-            [
-                {"feature": feature_names[i], "value": float(row[i]), "contribution": float(values[i])}
-                for i in order
-            ]
-        )
-    return out
+    top = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :k]  # all rows in one call
+    picked = zip(
+        top.tolist(),
+        np.take_along_axis(rows, top, axis=1).tolist(),
+        np.take_along_axis(contrib, top, axis=1).tolist(),
+        strict=True,
+    )
+    return [
+        [
+            {"feature": feature_names[i], "value": value, "contribution": contribution}
+            for i, value, contribution in zip(features, values, contributions, strict=True)
+        ]
+        for features, values, contributions in picked
+    ]
 
 
 def recommend_plans(

@@ -45,8 +45,10 @@ def dump_all(documents: Sequence[Any], fallback: Callable[[Sequence[Any]], str])
 
 def _scalar(value: Any) -> str:
     kind = type(value)
-    if kind is str and _PLAIN.match(value) and value not in _RESOLVED_WORDS:
-        return value
+    if kind is str:
+        if _is_plain(value):
+            return value
+        raise _NotPlain
     if value is None:
         return "null"
     if kind is bool:
@@ -63,6 +65,21 @@ def _scalar(value: Any) -> str:
             text = text.replace("e", ".0e", 1)
         return text
     raise _NotPlain
+
+
+def _is_plain(text: str) -> bool:
+    """Whether PyYAML writes `text` unquoted; remembered, as plans repeat the same names and methods."""
+    plain = _PLAIN_STRINGS.get(text)
+    if plain is None:
+        plain = _PLAIN.match(text) is not None and text not in _RESOLVED_WORDS
+        if len(_PLAIN_STRINGS) >= _PLAIN_MEMO_LIMIT:
+            _PLAIN_STRINGS.clear()
+        _PLAIN_STRINGS[text] = plain
+    return plain
+
+
+_PLAIN_MEMO_LIMIT = 1 << 16
+_PLAIN_STRINGS: dict[str, bool] = {}
 
 
 def _mapping(mapping: dict, indent: int, lines: list[str]) -> None:
