@@ -15,6 +15,7 @@ import numpy as np
 from models.dataset import PairFeatureSource, member_pairs
 from models.descriptors import DEFAULT_SETTINGS, OperatorSetting
 from models.plan_ranking import PairRows, PlanQuery, SettingTable, pair_rows_for, rank_plans
+from models.plan_render import render
 from models.plan_search import ScoredCandidate
 from simmerge.errors import SimMergeError
 
@@ -134,16 +135,16 @@ def signatures_identical(feature_names: Sequence[str], pair_rows: PairRows, mode
 def _plan_dict(
     rank: int, scored: ScoredCandidate, base: str | None, why: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    plan = scored.candidate.to_plan(base)
+    rendered = render(scored.candidate, base)
     return {
         "rank": rank,
         "models": list(scored.candidate.models),
         "kind": scored.candidate.kind,
-        "steps": scored.candidate.steps(),
-        "description": plan.describe(),
+        "steps": rendered.steps,
+        "description": rendered.description,
         "predicted_score": scored.predicted,
         "uncertainty": scored.uncertainty,
-        "mergekit_yaml": plan.to_yaml(),
-        "plan": plan.to_dict(),
+        "mergekit_yaml": rendered.mergekit_yaml,
+        "plan": rendered.plan,
         "drivers": why,
     }

@@ -46,7 +46,7 @@ def dump_all(documents: Sequence[Any], fallback: Callable[[Sequence[Any]], str])
 def _scalar(value: Any) -> str:
     kind = type(value)
     if kind is str:
-        if _is_plain(value):
+        if is_plain(value):
             return value
         raise _NotPlain
     if value is None:
@@ -67,7 +67,7 @@ def _scalar(value: Any) -> str:
     raise _NotPlain
 
 
-def _is_plain(text: str) -> bool:
+def is_plain(text: str) -> bool:
     """Whether PyYAML writes `text` unquoted; remembered, as plans repeat the same names and methods."""
     plain = _PLAIN_STRINGS.get(text)
     if plain is None:
