@@ -34,6 +34,15 @@ def batcher_for(selector: CountingSelector, **options: Any) -> RecommendationBat
     return RecommendationBatcher(selector, catalog_bases, **options)
 
 
+def answers(batcher: RecommendationBatcher, queries: list[RecommendationQuery]) -> list[Any]:
+    """Each query's plans, or its exception, all asked on one turn of the loop."""
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batcher.recommend(q) for q in queries), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
 def query(*models: str, top: int = 3) -> RecommendationQuery:
     return RecommendationQuery(tuple(models), top)
 
@@ -66,13 +75,9 @@ def test_a_lone_request_is_answered_alone_and_batches_are_capped():
 
 def test_bases_come_from_the_catalog_and_an_unknown_checkpoint_fails_only_its_request():
     selector = CountingSelector()
-    batcher = batcher_for(selector)
-
-    async def main() -> list[Any]:
-        requests = [query("a", "b"), query("a", "missing"), query("b", "other-c")]
-        return await asyncio.gather(*(batcher.recommend(q) for q in requests), return_exceptions=True)
-
-    shared, unknown, mixed = asyncio.run(main())
+    shared, unknown, mixed = answers(
+        batcher_for(selector), [query("a", "b"), query("a", "missing"), query("b", "other-c")]
+    )
     assert isinstance(unknown, NotFoundError) and "'missing'" in str(unknown)
     assert shared[0]["base"] == "base" and mixed[0]["base"] is None  # no common base: base-free operators
     assert selector.calls == [2]
@@ -80,13 +85,9 @@ def test_bases_come_from_the_catalog_and_an_unknown_checkpoint_fails_only_its_re
 
 def test_a_query_the_selector_rejects_fails_only_its_own_request():
     selector = CountingSelector()
-    batcher = batcher_for(selector)
-
-    async def main() -> list[Any]:
-        requests = [query("a", "b"), query("a", "poison"), query("b", "c")]
-        return await asyncio.gather(*(batcher.recommend(q) for q in requests), return_exceptions=True)
-
-    good, bad, other = asyncio.run(main())
+    good, bad, other = answers(
+        batcher_for(selector), [query("a", "b"), query("a", "poison"), query("b", "c")]
+    )
     assert isinstance(bad, NotFoundError) and "'poison'" in str(bad)
     assert good[0]["models"] == ["a", "b"] and other[0]["models"] == ["b", "c"]
     assert selector.calls == [3, 1, 1, 1]  # the batch failed, then each query alone
