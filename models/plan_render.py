@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from models.plan_search import Candidate
 from simmerge.yaml_text import is_plain
 
@@ -36,20 +38,25 @@ def render(candidate: Candidate, base: str | None) -> Rendering:
     if len(set(names)) != len(names) or not all(_substitutable(n) for n in names):
         return _direct(candidate, base)
     key = (candidate.settings, len(candidate.models), base is not None)
-    template = _TEMPLATES.get(key)
-    if template is None:
+    if key not in _TEMPLATES:
         if len(_TEMPLATES) >= _MEMO_LIMIT:
             _TEMPLATES.clear()
-        template = _TEMPLATES[key] = _template(candidate, base is not None)
+        _TEMPLATES[key] = _template(candidate, base is not None)
+    template = _TEMPLATES[key]
+    if template is None:  # this shape has a value its JSON would not keep
+        return _direct(candidate, base)
     names_of = {_member(i): m for i, m in enumerate(candidate.models)}
     if base is not None:
         names_of[_BASE] = base
     fill = lambda text: _PLACEHOLDER.sub(lambda found: names_of[found.group(0)], text)  # noqa: E731
+    # the dicts through their JSON: plain names need no escaping, and orjson rebuilds them faster
+    # than a Python walk copies them
+    steps, plan = orjson.loads(fill(template.dicts_json))
     return Rendering(
-        steps=_filled(template.steps, names_of),
+        steps=steps,
         description=fill(template.description),
         mergekit_yaml=fill(template.mergekit_yaml),
-        plan=_filled(template.plan, names_of),
+        plan=plan,
     )
 
 
@@ -58,9 +65,20 @@ def _direct(candidate: Candidate, base: str | None) -> Rendering:
     return Rendering(candidate.steps(), plan.describe(), plan.to_yaml(), plan.to_dict())
 
 
-def _template(candidate: Candidate, has_base: bool) -> Rendering:
+@dataclass(frozen=True)
+class _Template:
+    description: str
+    mergekit_yaml: str
+    dicts_json: str  # [steps, plan]
+
+
+def _template(candidate: Candidate, has_base: bool) -> _Template | None:
     shaped = Candidate(tuple(_member(i) for i in range(len(candidate.models))), candidate.settings)
-    return _direct(shaped, _BASE if has_base else None)
+    rendered = _direct(shaped, _BASE if has_base else None)
+    dicts = orjson.dumps([rendered.steps, rendered.plan]).decode()
+    if orjson.loads(dicts) != [rendered.steps, rendered.plan]:  # a value JSON does not keep (NaN)
+        return None
+    return _Template(rendered.description, rendered.mergekit_yaml, dicts)
 
 
 def _member(index: int) -> str:
@@ -72,15 +90,4 @@ def _substitutable(name: str) -> bool:
     return _MARK not in name and is_plain(name)
 
 
-def _filled(value: Any, names_of: dict[str, str]) -> Any:
-    """A copy of a template's dicts and lists with each placeholder value replaced by its name."""
-    if type(value) is dict:
-        return {key: _filled(item, names_of) for key, item in value.items()}
-    if type(value) is list:
-        return [_filled(item, names_of) for item in value]
-    if type(value) is str:
-        return names_of.get(value, value)
-    return value
-
-
-_TEMPLATES: dict[tuple[Any, int, bool], Rendering] = {}
+_TEMPLATES: dict[tuple[Any, int, bool], _Template | None] = {}

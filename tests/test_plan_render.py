@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -28,3 +29,15 @@ def test_template_rendering_equals_direct_rendering(names: tuple[str, ...], base
     for _ in range(2):  # the second time from the memoised templates
         for candidate in candidates:
             assert render(candidate, base) == _direct(candidate, base), candidate
+
+
+def test_a_shape_whose_values_json_would_not_keep_is_rendered_directly() -> None:
+    from models.descriptors import OperatorSetting
+
+    odd = OperatorSetting("ties", {"density": float("nan")})
+    candidate = Candidate(("math", "code"), (odd,))
+    for _ in range(2):
+        rendered = render(candidate, "base")
+        density = rendered.plan["steps"][0]["parameters"]["density"]
+        assert isinstance(density, float) and math.isnan(density)  # not JSON's null
+        assert rendered.mergekit_yaml == _direct(candidate, "base").mergekit_yaml
