@@ -125,11 +125,11 @@ def _web_worker(host: str, port: int, log_level: str) -> None:
     """One web worker process: its own SO_REUSEPORT socket, uvicorn serving `create_web_app` on it."""
     import uvicorn
 
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn binds its own socket
+    sock = socket.socket(family=family)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
+    sock.bind((host, port))
     config = uvicorn.Config(
         "service.server:create_web_app",
         factory=True,

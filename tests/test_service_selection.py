@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -158,21 +160,14 @@ def test_catalog_scoring_job_pages_and_plots(client: TestClient, synthetic: dict
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
-def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
-    synthetic: dict[str, Any], tmp_path: Path
-) -> None:
-    """`simmerge serve --workers 2`: requests land on either process; concurrent arm additions (each a
-    load-update-save of the bandit's files) are all kept; /metrics counts every worker's requests."""
+@contextmanager
+def serving_workers(synthetic: dict[str, Any], home: Path, workers: int = 2) -> Iterator[tuple[str, Any]]:
+    """`simmerge serve --workers N` on a free port over a copy of the synthetic home: (url, process)."""
     import os
-    import re
     import socket
     import subprocess
     import sys
-    from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
-
-    home = tmp_path / "home"
     shutil.copytree(synthetic["home"], home)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -184,11 +179,29 @@ def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
         "SIMMERGE_TOKENS": json.dumps(token_settings()),
         "SIMMERGE_PAIR_FEATURES": str(synthetic["features"]),
     }
-    command = [sys.executable, "-m", "simmerge", "serve", "--workers", "2", "--port", str(port)]
+    command = [sys.executable, "-m", "simmerge", "serve", "--workers", str(workers), "--port", str(port)]
     server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(url), timeout=60)
+        yield url, server
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+
+
+def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
+    synthetic: dict[str, Any], tmp_path: Path
+) -> None:
+    """`simmerge serve --workers 2`: requests land on either process; concurrent arm additions (each a
+    load-update-save of the bandit's files) are all kept; /metrics counts every worker's requests."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    home = tmp_path / "home"
+    with serving_workers(synthetic, home) as (url, _):
         root = synthetic["checkpoints"]
         with httpx.Client(base_url=url, timeout=30) as http:
             bodies = [{"path": str(root / "base"), "name": "base"}] + [
@@ -208,16 +221,37 @@ def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
             plans = http.post("/v1/recommendations", json={"models": synthetic["names"][:2], "top": 2})
             assert plans.status_code == 200 and len(plans.json()["plans"]) == 2
             metrics = http.get("/metrics").text
-        state = json.loads((home / "bandit" / "bandit.json").read_text())
-        kept = {
-            info["params"].get("density") for info in state["arm_info"].values() if info["method"] == "ties"
+    state = json.loads((home / "bandit" / "bandit.json").read_text())
+    kept = {info["params"].get("density") for info in state["arm_info"].values() if info["method"] == "ties"}
+    assert set(densities) <= kept
+    pattern = r'simmerge_http_requests_total\{method="POST",route="/v1/checkpoints",status="201"\} (\S+)'
+    assert sum(float(v) for v in re.findall(pattern, metrics)) == len(bodies), metrics
+
+
+def test_a_web_worker_that_dies_is_replaced(
+    synthetic: dict[str, Any], tmp_path: Path
+) -> None:
+    import psutil
+
+    def listening_workers(server: Any, port: int) -> set[int]:
+        return {
+            child.pid
+            for child in psutil.Process(server.pid).children()
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in child.net_connections())
         }
-        assert set(densities) <= kept
-        pattern = r'simmerge_http_requests_total\{method="POST",route="/v1/checkpoints",status="201"\} (\S+)'
-        assert sum(float(v) for v in re.findall(pattern, metrics)) == len(bodies), metrics
-    finally:
-        server.terminate()
-        assert server.wait(timeout=30) == 0
+
+    with serving_workers(synthetic, tmp_path / "home") as (url, server):
+        port = int(url.rsplit(":", 1)[1])
+
+        def two_listening(other_than: frozenset[int] | set[int] = frozenset()) -> set[int] | None:
+            found = listening_workers(server, port)
+            return found if len(found) == 2 and found != other_than else None
+
+        first = wait_for(two_listening)
+        psutil.Process(next(iter(first))).kill()
+        replaced = wait_for(lambda: two_listening(first))
+        assert len(replaced & first) == 1  # one survivor, one newcomer
+        assert _ready(url)
 
 
 def _ready(url: str) -> bool:
