@@ -228,9 +228,7 @@ def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
     assert sum(float(v) for v in re.findall(pattern, metrics)) == len(bodies), metrics
 
 
-def test_a_web_worker_that_dies_is_replaced(
-    synthetic: dict[str, Any], tmp_path: Path
-) -> None:
+def test_a_web_worker_that_dies_is_replaced(synthetic: dict[str, Any], tmp_path: Path) -> None:
     import psutil
 
     def listening_workers(server: Any, port: int) -> set[int]:
