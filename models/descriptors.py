@@ -228,9 +228,7 @@ def plan_descriptor(plan: Plan, kind: str | None = None) -> np.ndarray:
     else:
         steps = [_step_vector(s.method, s.parameters, [m.parameters for m in s.models]) for s in plan.steps]
     n_models = len(plan.experts())
-    if kind is None:
-        kind = "fold" if len(plan.steps) > 1 else ("pair" if n_models == 2 else "kway")
-    return _assemble(steps, kind, n_models)
+    return _assemble(steps, kind or _kind_of(len(steps), n_models), n_models)
 
 
 def fold_weights(n_members: int) -> np.ndarray:
@@ -246,13 +244,11 @@ def fold_weights(n_members: int) -> np.ndarray:
 
 
 def _assemble(steps: list[np.ndarray], kind: str, n_models: int) -> np.ndarray:
-    if kind not in KINDS:
-        raise PlanError(f"plan kind {kind!r} is not one of {', '.join(KINDS)}")
-    kind_onehot = [1.0 if kind == k else 0.0 for k in KINDS]
-    # Later fold steps act on more of the result, so they weigh more (step i: weight 2^i).
-    step_weights = 2.0 ** np.arange(len(steps))
-    body = np.average(np.stack(steps), axis=0, weights=step_weights)
-    return np.concatenate([body, kind_onehot, [float(n_models), float(len(steps))]])
+    return descriptor_rows(np.stack(steps)[None], n_models, kind)[0]
+
+
+def _kind_of(n_steps: int, n_models: int) -> str:
+    return "fold" if n_steps > 1 else ("pair" if n_models == 2 else "kway")
 
 
 def fold_descriptor(
@@ -288,7 +284,7 @@ def _fold_descriptor(settings: Sequence[OperatorSetting], n_models: int, models:
         ]
     else:
         steps = [_step_vector(s.method, s.params, ()) for s in settings]
-    return _assemble(steps, "fold" if len(settings) > 1 else ("pair" if n_models == 2 else "kway"), n_models)
+    return _assemble(steps, _kind_of(len(settings), n_models), n_models)
 
 
 def step_vectors(settings: Sequence[OperatorSetting], *, flipped: bool = False) -> np.ndarray:
@@ -300,16 +296,21 @@ def step_vectors(settings: Sequence[OperatorSetting], *, flipped: bool = False) 
     )
 
 
-def descriptor_rows(steps: np.ndarray, n_models: int) -> np.ndarray:
-    """`fold_descriptor` of many candidates at once, to the last bit: `steps` (candidates, n_steps, step
-    width) holds each candidate's step vectors, `n_models` its member count (the same for all)."""
+def descriptor_rows(steps: np.ndarray, n_models: int, kind: str | None = None) -> np.ndarray:
+    """Descriptors of many plans at once: `steps` (plans, n_steps, step width) holds each plan's step
+    vectors, `n_models` its member count and `kind` its kind (by default read off the counts), the same
+    for all. Every descriptor (`operator_descriptor`, `plan_descriptor`, `fold_descriptor`) is made here."""
     n_steps = steps.shape[1]
+    kind = kind or _kind_of(n_steps, n_models)
+    if kind not in KINDS:
+        raise PlanError(f"plan kind {kind!r} is not one of {', '.join(KINDS)}")
+    # Later fold steps act on more of the result, so they weigh more (step i: weight 2^i). The sum is
+    # np.average's: weighted steps added one by one, then divided.
     weights = 2.0 ** np.arange(n_steps)
     body = steps[:, 0] * weights[0]
-    for i in range(1, n_steps):  # np.average's order: weighted steps added one by one, then divided
+    for i in range(1, n_steps):
         body = body + steps[:, i] * weights[i]
     body = body / weights.sum()
-    kind = "fold" if n_steps > 1 else ("pair" if n_models == 2 else "kway")
     tail = [1.0 if kind == k else 0.0 for k in KINDS] + [float(n_models), float(n_steps)]
     rows = np.empty((len(steps), body.shape[1] + len(tail)))
     rows[:, : body.shape[1]] = body

@@ -434,18 +434,23 @@ def test_rank_plans_batch_equals_search_plans_per_query(catalog, predictor):
         rank_plans([PlanQuery((names[0], names[0]))], predictor, pair_rows_for(catalog, []), table, top=[3])
 
 
-def test_descriptor_rows_equal_fold_descriptor():
-    from models.descriptors import descriptor_rows, fold_descriptor, step_vectors
+def test_descriptor_rows_are_numpys_weighted_average_of_the_steps():
+    """Descriptors (made by `descriptor_rows` for one plan or many) equal np.average of the step vectors
+    weighted 2^i, then the kind and the counts, bit for bit; one at a time and batched alike."""
+    from models.descriptors import KINDS, descriptor_rows, fold_descriptor, step_vectors
 
     settings = list(DEFAULT_SETTINGS)
     plain, flipped = step_vectors(settings), step_vectors(settings, flipped=True)
-    for n_steps, n_models in ((1, 2), (1, 4), (2, 3), (3, 4)):
+    for n_steps, n_models, kind in ((1, 2, "pair"), (1, 4, "kway"), (2, 3, "fold"), (3, 4, "fold")):
         picks = np.random.default_rng(n_steps).integers(0, len(settings), size=(12, n_steps))
         for models, vectors in ((("a", "b", "c", "d"), plain), (("b", "a"), flipped)):
             if n_steps > 1 and vectors is flipped:
                 continue
             rows = descriptor_rows(vectors[picks], n_models)
             for row, pick in zip(rows, picks, strict=True):
+                body = np.average(vectors[pick], axis=0, weights=2.0 ** np.arange(n_steps))
+                tail = [1.0 if kind == k else 0.0 for k in KINDS] + [float(n_models), float(n_steps)]
+                assert np.array_equal(row, np.concatenate([body, tail]))
                 chosen = [settings[i] for i in pick]
                 assert np.array_equal(row, fold_descriptor(chosen, n_models, models[:n_models]))
 
