@@ -98,10 +98,6 @@ class CandidateFeaturizer:
             rows = np.asarray(self.source.pair_features(wanted), dtype=np.float64)
             self._cache.update(zip(wanted, rows, strict=True))
 
-    def pair_row(self, pair: tuple[str, str]) -> np.ndarray:
-        """The source's features of one (sorted) member pair, after `prefetch`."""
-        return self._cache[pair]
-
     def rows(self, candidates: Sequence[Candidate]) -> np.ndarray:
         self.prefetch(sorted({m for c in candidates for m in c.models}))
         return np.stack([self._row(c) for c in candidates])
