@@ -99,7 +99,6 @@ def _replaying(body: bytes, complete: bool, receive: Receive) -> Callable[[], Aw
 
 def _validated(body: bytes) -> RecommendationIn | None:
     try:
-        request = RecommendationIn.model_validate_json(body)
+        return RecommendationIn.model_validate_json(body)
     except ValidationError:
         return None
-    return request if len(set(request.models)) == len(request.models) else None
