@@ -1,4 +1,4 @@
-"""Selection quality: predictor vs best fixed, Lasso, random and oracle (brief §4), plus plan search on triples.
+"""Selection quality: predictor vs best fixed, Lasso, random, oracle (docs/design.md §4); plan search on triples.
 
 With `--labels` (from `simmerge label`) it uses real labels and the features package (or
 `--pair-features` tables); without, it runs on the synthetic catalog of `models.synthetic` and says so.

@@ -1,4 +1,4 @@
-"""Native merge operators against the brief's formulas on hand-made tensors, and plan validation.
+"""Native merge operators against docs/design.md §3 on hand-made tensors, and plan validation.
 
 Expected numbers are worked out by hand from the formulas (in the comments), not from the code.
 """

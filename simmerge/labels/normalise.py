@@ -1,4 +1,4 @@
-"""Normalised scores of a merge (brief §4): held-in tasks by the expert trained on them, held-out by the base.
+"""Normalised scores of a merge (docs/design.md §4): held-in tasks by their expert, held-out by the base.
 
 Ratios assume a metric where higher is better and zero means nothing learned (token accuracy, exact
 match). A `loglik` score is turned into the geometric-mean token probability `exp(loglik)` first, so
