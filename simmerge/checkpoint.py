@@ -20,10 +20,27 @@ from pathlib import Path
 import torch
 
 from simmerge.errors import CheckpointError, IncompatibleCheckpointsError
+from simmerge.paths import checked_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _HEADER_LIMIT = 100 * 2**20  # a header larger than this is not a safetensors file we should trust
+# Weight files that are pickles (PyTorch's formats): refused by name, never opened.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+# Files that describe the model rather than its weights; a merge copies them from its reference.
+AUX_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -69,8 +86,14 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header into absolute byte ranges, validating as we go."""
+    """Parse one safetensors file's header into absolute byte ranges, validating every field.
+
+    The header is attacker-shaped input (a catalog registers files it did not write), so every
+    deviation from the format is a CheckpointError naming the file and tensor, never a crash later
+    inside a merge.
+    """
     try:
+        size = file.stat().st_size
         with file.open("rb") as handle:
             raw_len = handle.read(8)
             if len(raw_len) != 8:
@@ -78,25 +101,57 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             (header_len,) = struct.unpack("<Q", raw_len)
             if header_len > _HEADER_LIMIT:
                 raise CheckpointError(f"{file}: safetensors header of {header_len} bytes is implausible")
+            if 8 + header_len > size:
+                raise CheckpointError(
+                    f"{file}: safetensors header length {header_len} runs past the end of the file ({size} bytes)"
+                )
             header = json.loads(handle.read(header_len))
-        size = file.stat().st_size
     except OSError as exc:
-        raise CheckpointError(f"{file}: cannot read ({exc.strerror})") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc.strerror or exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
         raise CheckpointError(f"{file}: safetensors header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: safetensors header is a JSON {type(header).__name__}, not an object")
     data_start = 8 + header_len
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{file}: __metadata__ is not an object")
             continue
-        dtype = entry.get("dtype")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype!r}")
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end or data_start + end > size:
-            raise CheckpointError(f"{file}: tensor {name!r} has byte range [{begin}, {end}) outside the file")
-        infos[name] = TensorInfo(name, dtype, tuple(entry["shape"]), file, data_start + begin, end - begin)
+        infos[name] = _tensor_info(file, name, entry, data_start, size)
     return infos
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_info(file: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    """One header entry, checked: known dtype, non-negative integer shape, a byte range inside the file
+    whose length is exactly shape × itemsize."""
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where} is described by a JSON {type(entry).__name__}, not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where} has shape {shape!r}; expected a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CheckpointError(f"{where} has data_offsets {offsets!r}; expected [begin, end] integers")
+    begin, end = offsets
+    if not 0 <= begin <= end or data_start + end > size:
+        raise CheckpointError(f"{where} has byte range [{begin}, {end}) outside the file")
+    info = TensorInfo(name, dtype, tuple(shape), file, data_start + begin, end - begin)
+    expected = info.numel * DTYPES[dtype].itemsize
+    if expected != info.nbytes:
+        raise CheckpointError(
+            f"{where} has shape {shape} of {dtype} ({expected} bytes) over a byte range of {info.nbytes} bytes"
+        )
+    return info
 
 
 @lru_cache(maxsize=1)
@@ -118,6 +173,43 @@ def _pread_exact(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
         done += n
 
 
+def _read_json_object(path: Path, missing: str) -> dict:
+    """A JSON file that must hold an object; anything else is a CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: invalid JSON") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _check_config(config: dict, path: Path) -> None:
+    """The config fields SimMerge itself reads must have their documented types."""
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{path}: 'architectures' must be a list of strings, not {archs!r}")
+    for key in ("model_type",):
+        if key in config and not isinstance(config[key], str):
+            raise CheckpointError(f"{path}: {key!r} must be a string, not {config[key]!r}")
+    if "text_config" in config and not isinstance(config["text_config"], dict):
+        raise CheckpointError(f"{path}: 'text_config' must be an object")
+
+
+def _shard_path(root: Path, index: Path, name: str) -> Path:
+    """A shard named by an index: a file name inside the checkpoint, never an absolute path or `..`."""
+    relative = Path(checked_path(name, f"{index}: shard name"))
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise CheckpointError(f"{index}: shard {name!r} is not a file inside {root}")
+    return root / relative
+
+
 class Checkpoint:
     """A Hugging Face model directory whose weights are safetensors (one file or an index of shards)."""
 
@@ -128,44 +220,52 @@ class Checkpoint:
         self._hash: str | None = None
         self._tensor_digests: dict[str, bytes] = {}
         self._pending_digests: dict[str, Future[bytes]] = {}
+        self.weight_files: list[Path] = sorted({t.file for t in tensors.values()})
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> Checkpoint:
-        root = Path(path)
+        root = Path(checked_path(path))
         if not root.is_dir():
             raise CheckpointError(f"{root}: no such checkpoint directory")
-        config_path = root / "config.json"
-        if not config_path.is_file():
-            raise CheckpointError(f"{root}: not a checkpoint (no config.json)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from exc
+        config = _read_json_object(root / "config.json", f"{root}: not a checkpoint (no config.json)")
+        _check_config(config, root / "config.json")
         tensors: dict[str, TensorInfo] = {}
-        for file in cls._weight_files(root):
+        weight_files = cls._weight_files(root)
+        for file in weight_files:
             tensors.update(read_safetensors_header(file))
         if not tensors:
             raise CheckpointError(f"{root}: the safetensors files hold no tensors")
-        return cls(root, config, tensors)
+        checkpoint = cls(root, config, tensors)
+        checkpoint.weight_files = weight_files
+        return checkpoint
+
+    def files(self) -> list[Path]:
+        """Every file this checkpoint makes SimMerge read: config, index, shards, tokenizer and the
+        other model files a merge copies. A service checks each one (not only the directory) against
+        its roots, since any of them may be a symlink."""
+        names = ["config.json", INDEX_FILE, *AUX_FILES]
+        described = [self.path / n for n in names if (self.path / n).is_file()]
+        return list(dict.fromkeys([*described, *self.weight_files]))
 
     @staticmethod
     def _weight_files(root: Path) -> list[Path]:
         index = root / INDEX_FILE
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from exc
-            files = [root / name for name in dict.fromkeys(weight_map.values())]
+            data = _read_json_object(index, f"{index}: no such file")
+            weight_map = data.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must be an object of tensor name to shard file")
+            files = [_shard_path(root, index, name) for name in dict.fromkeys(weight_map.values())]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{index}: names shard {missing[0]}, which does not exist")
             return files
         if (root / SINGLE_FILE).is_file():
             return [root / SINGLE_FILE]
-        if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        pickled = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
             raise CheckpointError(
-                f"{root}: only pickle weights (*.bin/*.pt); SimMerge loads safetensors only"
+                f"{pickled[0]}: pickle weights are never loaded; SimMerge reads safetensors only"
             )
         raise CheckpointError(f"{root}: not a checkpoint (no {SINGLE_FILE} or {INDEX_FILE})")
 
@@ -214,11 +314,16 @@ class Checkpoint:
         info = self.info(name)
         buffer = bytearray(info.nbytes)
         if info.nbytes:
-            fd = os.open(info.file, os.O_RDONLY)
             try:
-                _pread_exact(fd, memoryview(buffer), info.start, info.file)
-            finally:
-                os.close(fd)
+                fd = os.open(info.file, os.O_RDONLY)
+                try:
+                    _pread_exact(fd, memoryview(buffer), info.start, info.file)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"{info.file}: cannot read tensor {name!r} ({exc.strerror or exc})"
+                ) from exc
         if digest and info.name not in self._tensor_digests and info.name not in self._pending_digests:
             self._pending_digests[info.name] = _hash_pool().submit(_sha256, buffer)
         flat = (
@@ -267,15 +372,20 @@ class Checkpoint:
     @staticmethod
     def _digest_tensor(info: TensorInfo) -> bytes:
         digest = hashlib.sha256()
-        with info.file.open("rb") as handle:
-            handle.seek(info.start)
-            remaining = info.nbytes
-            while remaining:
-                chunk = handle.read(min(remaining, 16 * 2**20))
-                if not chunk:
-                    raise CheckpointError(f"{info.file}: truncated inside tensor {info.name!r}")
-                digest.update(chunk)
-                remaining -= len(chunk)
+        try:
+            with info.file.open("rb") as handle:
+                handle.seek(info.start)
+                remaining = info.nbytes
+                while remaining:
+                    chunk = handle.read(min(remaining, 16 * 2**20))
+                    if not chunk:
+                        raise CheckpointError(f"{info.file}: truncated inside tensor {info.name!r}")
+                    digest.update(chunk)
+                    remaining -= len(chunk)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{info.file}: cannot read tensor {info.name!r} ({exc.strerror or exc})"
+            ) from exc
         return digest.digest()
 
     def __repr__(self) -> str:

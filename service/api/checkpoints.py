@@ -12,7 +12,9 @@ from service.api.schemas import CheckpointIn, CheckpointOut, CheckpointPage
 from service.auth import require_scope
 from service.settings import ServiceSettings
 from simmerge.catalog import Catalog
+from simmerge.checkpoint import Checkpoint
 from simmerge.errors import SimMergeError
+from simmerge.paths import checked_path
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
 
@@ -23,7 +25,7 @@ class PathNotAllowedError(SimMergeError):
 
 def allowed_path(raw: str, settings: ServiceSettings) -> Path:
     """Resolve symlinks and `..` first, so nothing escapes the roots by spelling."""
-    path = Path(raw).expanduser()
+    path = Path(checked_path(raw, "checkpoint path")).expanduser()
     if not path.is_absolute():
         raise PathNotAllowedError(f"checkpoint path {raw!r} must be absolute")
     resolved = path.resolve()
@@ -31,6 +33,17 @@ def allowed_path(raw: str, settings: ServiceSettings) -> Path:
         roots = ", ".join(str(r) for r in settings.allowed_roots)
         raise PathNotAllowedError(f"checkpoint path {raw!r} is outside the catalog roots ({roots})")
     return resolved
+
+
+def check_files_within_roots(checkpoint: Checkpoint, settings: ServiceSettings) -> None:
+    """Every file the checkpoint reads, resolved, must lie under a root: a directory inside the roots
+    may still hold a symlinked shard or tokenizer that points anywhere."""
+    for file in checkpoint.files():
+        resolved = file.resolve()
+        if not any(resolved.is_relative_to(root) for root in settings.allowed_roots):
+            raise PathNotAllowedError(
+                f"checkpoint file {str(file)!r} resolves to {str(resolved)!r}, outside the catalog roots"
+            )
 
 
 @router.get("", response_model=CheckpointPage)
@@ -52,6 +65,7 @@ def register_checkpoint(
     _: Annotated[str, Depends(require_scope("write"))],
 ) -> dict:
     path = allowed_path(body.path, settings)
+    check_files_within_roots(Checkpoint.open(path), settings)
     entry = catalog.add(path, body.name, body.base, body.tasks, body.family, body.tags)
     return entry.to_dict()
 
