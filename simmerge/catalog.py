@@ -30,8 +30,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from simmerge.checkpoint import Checkpoint, check_compatible
 from simmerge.errors import ConflictError, NotFoundError, SimMergeError
-from simmerge.evaluation import METRICS
+from simmerge.evaluation import METRICS, load_task
 from simmerge.home import resolve_home
+from simmerge.paths import checked_path
 
 VERSION_TABLE = "simmerge_catalog_version"
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -246,7 +247,7 @@ class Catalog:
     def resolve(self, name_or_path: str) -> Path:
         if self.has(name_or_path):
             return self.get(name_or_path).path
-        path = Path(name_or_path).expanduser()
+        path = Path(checked_path(name_or_path, "checkpoint")).expanduser()
         if path.is_dir():
             return path
         raise NotFoundError(f"{name_or_path!r} is neither a checkpoint name in the catalog nor a directory")
@@ -259,11 +260,13 @@ class Catalog:
         metric: str = "token_accuracy",
         held_out: bool = False,
     ) -> TaskEntry:
-        task_path = Path(path).resolve()
+        """Register a JSON Lines task file after reading it: a bad line is refused here, by number."""
+        task_path = Path(checked_path(path, "task file")).resolve()
         if not task_path.is_file():
             raise NotFoundError(f"{path}: no such task file")
         if metric not in METRICS:
             raise SimMergeError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+        load_task(task_path, metric)
         name = name or task_path.stem
         with Session(self.engine) as session:
             if session.scalar(select(TaskRow.id).where(TaskRow.name == name)) is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from simmerge.errors import CheckpointError, NotFoundError, SimMergeError
+from simmerge.paths import checked_path
 
 if TYPE_CHECKING:
     import torch
@@ -50,50 +51,70 @@ def _check_metric(metric: str) -> str:
     return metric
 
 
-def _read_jsonl(path: Path, kind: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object), skipping blank lines; bad JSON names the file and line."""
-    path = Path(path)
+def _line(where: str, number: int) -> str:
+    """`file.jsonl:3` for a file; `task 'x', line 3` for an upload named by its label."""
+    return f"{where}, line {number}" if where.startswith("task ") else f"{where}:{number}"
+
+
+def _read_jsonl(path: Path, kind: str, label: str | None = None) -> Iterable[tuple[str, dict[str, Any]]]:
+    """Yield (location, object), skipping blank lines; a line that is not UTF-8 JSON names the file
+    (or `label`, for an upload whose stored name means nothing to its sender) and the line."""
+    path = Path(checked_path(path, f"{kind} file"))
     if not path.is_file():
         raise NotFoundError(f"{kind} file {path} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            at = _line(label or str(path), number)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SimMergeError(f"{at}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SimMergeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                raise SimMergeError(f"{at}: not valid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError):
+                raise SimMergeError(f"{at}: not valid JSON") from None
             if not isinstance(item, dict):
-                raise SimMergeError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
-            yield number, item
+                raise SimMergeError(f"{at}: expected a JSON object, got {type(item).__name__}")
+            yield at, item
 
 
-def _string_field(item: dict[str, Any], field: str, path: Path, number: int) -> str:
+def _string_field(item: dict[str, Any], field: str, at: str, empty_ok: bool = True) -> str:
     value = item.get(field)
     if not isinstance(value, str):
         problem = "missing" if value is None else f"not a string ({type(value).__name__})"
-        raise SimMergeError(f"{path}:{number}: field {field!r} is {problem}")
+        raise SimMergeError(f"{at}: field {field!r} is {problem}")
+    if not empty_ok and not value:
+        raise SimMergeError(f"{at}: field {field!r} is empty")
     return value
 
 
 def load_task(
-    path: str | Path, metric: str = DEFAULT_METRIC, name: str | None = None, held_out: bool = False
+    path: str | Path,
+    metric: str = DEFAULT_METRIC,
+    name: str | None = None,
+    held_out: bool = False,
+    label: str | None = None,
 ) -> Task:
-    """Read a `{"prompt", "completion"}` JSON Lines file; an empty file or a bad line is an error."""
-    path = Path(path)
+    """Read a `{"prompt", "completion"}` JSON Lines file; an empty file or a bad line is an error
+    (an empty completion too: it has no tokens to score)."""
+    path = Path(checked_path(path, "task file"))
     examples = tuple(
-        Example(_string_field(item, "prompt", path, n), _string_field(item, "completion", path, n))
-        for n, item in _read_jsonl(path, "task")
+        Example(_string_field(item, "prompt", at), _string_field(item, "completion", at, empty_ok=False))
+        for at, item in _read_jsonl(path, "task", label)
     )
     if not examples:
-        raise SimMergeError(f"{path}: task file has no examples")
+        raise SimMergeError(f"{label or path}: task file has no examples")
     return Task(name or path.stem, examples, _check_metric(metric), path, held_out)
 
 
 def load_probes(path: str | Path) -> list[str]:
     """Read a `{"text"}` JSON Lines file of unlabeled probes; an empty file or a bad line is an error."""
     path = Path(path)
-    texts = [_string_field(item, "text", path, n) for n, item in _read_jsonl(path, "probe")]
+    texts = [_string_field(item, "text", at) for at, item in _read_jsonl(path, "probe")]
     if not texts:
         raise SimMergeError(f"{path}: probe file has no probes")
     return texts
@@ -101,11 +122,13 @@ def load_probes(path: str | Path) -> list[str]:
 
 def load_tasks(source: str | Path, names: Sequence[str] | None = None) -> list[Task]:
     """Tasks from a zoo directory (its catalog.json gives metrics), a folder of .jsonl files, or one file."""
-    source = Path(source)
+    source = Path(checked_path(source, "task source"))
     if source.is_file():
         tasks = [load_task(source)]
     elif (source / "catalog.json").is_file():
-        catalog = json.loads((source / "catalog.json").read_text())
+        from simmerge.zoo.build import read_catalog
+
+        catalog = read_catalog(source)
         tasks = [
             load_task(source / t["file"], t.get("metric", DEFAULT_METRIC), t["name"], bool(t.get("held_out")))
             for t in catalog.get("tasks", [])
@@ -133,12 +156,12 @@ def load_model(checkpoint_dir: str | Path, device: str = "cpu", dtype: torch.dty
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = Path(checkpoint_dir)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    from simmerge.checkpoint import Checkpoint
+
+    path = Checkpoint.open(checkpoint_dir).path  # safetensors only, headers validated: no pickle
     with quiet_hf_progress():
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, local_files_only=True
+            path, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True
         )
     return model.to(device).eval(), load_tokenizer(path)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from service.auth import require_scope
 from service.settings import ServiceSettings
 from simmerge.catalog import METRICS, Catalog, TaskEntry
 from simmerge.errors import ConflictError, NotFoundError, SimMergeError
+from simmerge.evaluation import load_task
 
 router = APIRouter(prefix="/tasks", tags=["tasks"])
 
@@ -39,26 +39,9 @@ def _task_out(task: TaskEntry, with_count: bool = False) -> dict:
 
 
 def validate_jsonl(path: Path, name: str) -> int:
-    """Count examples; name the first bad line."""
-    count = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                item = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise SimMergeError(f"task {name!r}, line {number}: not valid JSON") from exc
-            if not isinstance(item, dict) or not all(
-                isinstance(item.get(k), str) for k in ("prompt", "completion")
-            ):
-                raise SimMergeError(
-                    f"task {name!r}, line {number}: needs string fields 'prompt' and 'completion'"
-                )
-            count += 1
-    if count == 0:
-        raise SimMergeError(f"task {name!r}: the upload holds no examples")
-    return count
+    """Count examples with the loader the CLI uses, so both refuse the same files; errors name the
+    task and line, not the temporary file."""
+    return len(load_task(path, label=f"task {name!r}").examples)
 
 
 @router.post("", response_model=TaskOut, status_code=201, openapi_extra=_UPLOAD_BODY)

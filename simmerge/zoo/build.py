@@ -369,4 +369,41 @@ def read_catalog(root: str | Path) -> dict[str, Any]:
     path = Path(root) / "catalog.json"
     if not path.is_file():
         raise NotFoundError(f"{root}: no catalog.json (build one with `simmerge zoo build`)")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
+        raise SimMergeError(f"{path}: not valid JSON") from exc
+    _check_catalog(data, path)
+    return data
+
+
+# catalog.json's fields: list name -> (required string fields, optional fields and their types).
+_CATALOG_ITEMS: dict[str, tuple[tuple[str, ...], dict[str, tuple[type, ...]]]] = {
+    "tasks": (("name", "file"), {"metric": (str,), "held_out": (bool,)}),
+    "checkpoints": (
+        ("name", "path"),
+        {"base": (str, type(None)), "family": (str, type(None)), "role": (str,), "tasks": (list,)},
+    ),
+}
+
+
+def _check_catalog(data: Any, path: Path) -> None:
+    """A catalog.json of the wrong shape is an error naming the file and the field, not a KeyError."""
+    if not isinstance(data, dict):
+        raise SimMergeError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    for key, (required, optional) in _CATALOG_ITEMS.items():
+        items = data.get(key, [])
+        if not isinstance(items, list):
+            raise SimMergeError(f"{path}: {key!r} must be a list")
+        for number, item in enumerate(items, start=1):
+            where = f"{path}: {key}[{number}]"
+            if not isinstance(item, dict):
+                raise SimMergeError(f"{where} is a JSON {type(item).__name__}, not an object")
+            for field_name in required:
+                if not isinstance(item.get(field_name), str) or not item[field_name]:
+                    raise SimMergeError(f"{where} needs a string {field_name!r}")
+            for field_name, types in optional.items():
+                if field_name in item and not isinstance(item[field_name], types):
+                    raise SimMergeError(f"{where} has {field_name!r} of the wrong type: {item[field_name]!r}")
+            if not all(isinstance(t, str) for t in item.get("tasks", [])):
+                raise SimMergeError(f"{where} has 'tasks' that are not all strings")
