@@ -16,18 +16,12 @@ from typing import Any
 
 import yaml
 
-from simmerge import yaml_text
 from simmerge.errors import PlanError
 
 _STEP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "name", "tokenizer_source"}
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-# libyaml's emitter writes the same text as the pure-Python one, ~20x faster; used for the documents
-# `simmerge.yaml_text` leaves to PyYAML (both pinned by tests/test_plan.py).
+# libyaml's emitter writes the same text as the pure-Python one, ~20x faster.
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def _pyyaml_dump_all(docs: Sequence[Any]) -> str:
-    return yaml.dump_all(docs, Dumper=YAML_DUMPER, sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -93,6 +87,23 @@ class Plan:
                 raise PlanError(f"step name {step.name!r} is used twice")
             if step.name:
                 seen.add(step.name)
+        self._check_step_order()
+
+    def _check_step_order(self) -> None:
+        """A step may use only earlier steps: one that lists itself, a cycle, or a forward reference
+        would reach the engine as a model that is neither a checkpoint nor a computed result."""
+        position = {step.name: i for i, step in enumerate(self.steps) if step.name}
+        for index, step in enumerate(self.steps):
+            for used in _step_refs(step, position):
+                if used == step.name:
+                    raise PlanError(f"step {step.name!r} lists itself as a model")
+                if position[used] > index:
+                    cycle = _cycle_from(step.name, self.steps, position)
+                    if cycle:
+                        raise PlanError(f"steps {' -> '.join(map(repr, cycle))} form a cycle")
+                    raise PlanError(
+                        f"step {step.name!r} uses step {used!r}, which comes after it; list steps in run order"
+                    )
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -136,7 +147,8 @@ class Plan:
             model_params: list[dict[str, Any]] = (
                 [{}, {}] if weights is None else [{"weight": w} for w in weights]
             )
-            step_base = running if method == "slerp" else (base if get_operator(method).needs_base else None)
+            operator = get_operator(method)
+            step_base = running if operator.interpolates_inputs else (base if operator.needs_base else None)
             refs = (ModelRef(running, model_params[0]), ModelRef(nxt, model_params[1]))
             built.append(MergeStep(method, refs, step_base, params, name=f"step{index + 1}"))
             running = f"step{index + 1}"
@@ -165,7 +177,7 @@ class Plan:
         names = self.step_names()
         out: list[str] = []
         for step in self.steps:
-            for ref in step.non_base_models() if step.method != "slerp" else step.models:
+            for ref in step.models if _interpolates_inputs(step.method) else step.non_base_models():
                 if ref.model not in names and ref.model not in out:
                     out.append(ref.model)
         return out
@@ -192,8 +204,13 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a plan is a mapping, not {type(data).__name__}")
         if "steps" in data:
-            return cls(tuple(_step_from_dict(s, i) for i, s in enumerate(data["steps"])), data.get("dtype"))
+            steps = data["steps"]
+            if not isinstance(steps, list):
+                raise PlanError("plan 'steps' must be a list of steps")
+            return cls(tuple(_step_from_dict(s, i) for i, s in enumerate(steps)), data.get("dtype"))
         return cls.from_documents([data])
 
     def plan_id(self) -> str:
@@ -208,7 +225,7 @@ class Plan:
             if self.dtype:
                 doc["dtype"] = self.dtype
             docs.append(doc)
-        return yaml_text.dump_all(docs, _pyyaml_dump_all)
+        return yaml.dump_all(docs, Dumper=YAML_DUMPER, sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "plan") -> Plan:
@@ -225,41 +242,93 @@ class Plan:
         steps = []
         dtypes = set()
         for index, doc in enumerate(docs):
-            if not isinstance(doc, Mapping):
-                raise PlanError(f"{source}: document {index + 1} is not a mapping")
-            if "slices" in doc:
-                raise PlanError(f"{source}: mergekit 'slices' configurations are not supported; use 'models'")
-            unknown = set(doc) - _STEP_KEYS
-            if unknown:
-                raise PlanError(f"{source}: unknown key {sorted(unknown)[0]!r} in document {index + 1}")
-            if doc.get("dtype"):
-                dtypes.add(doc["dtype"])
             steps.append(_step_from_dict(doc, index, source))
+            dtype = _optional_string(doc, "dtype", index, source)
+            if dtype:
+                dtypes.add(dtype)
         if len(dtypes) > 1:
             raise PlanError(f"{source}: steps ask for different dtypes {sorted(dtypes)}")
         return cls(tuple(steps), dtypes.pop() if dtypes else None)
 
 
-def _step_from_dict(doc: Mapping[str, Any], index: int, source: str = "plan") -> MergeStep:
-    method = doc.get("merge_method")
-    if not isinstance(method, str):
+def _interpolates_inputs(method: str) -> bool:
+    """Whether the step's base is one of the merged inputs (slerp between two experts); False if unknown."""
+    from simmerge.operators import get_operator
+
+    try:
+        return get_operator(method).interpolates_inputs
+    except PlanError:
+        return False
+
+
+def _step_refs(step: MergeStep, position: Mapping[str | None, int]) -> list[str]:
+    """The step names among a step's models and base."""
+    refs = [m.model for m in step.models] + ([step.base_model] if step.base_model else [])
+    return [r for r in refs if r in position]
+
+
+def _cycle_from(
+    start: str | None, steps: Sequence[MergeStep], position: Mapping[str | None, int]
+) -> list[str]:
+    """A cycle of step names through `start` (closed: first name repeated last), or [] if none."""
+    trail: list[str] = []
+    explored: set[str] = set()  # no path back to `start` from these
+
+    def visit(name: str) -> bool:
+        if name == start and trail:
+            return True
+        if name in trail or name in explored:
+            return False
+        trail.append(name)
+        if any(visit(used) for used in _step_refs(steps[position[name]], position)):
+            return True
+        explored.add(trail.pop())
+        return False
+
+    return [*trail, trail[0]] if start is not None and visit(start) else []
+
+
+def _optional_string(doc: Mapping[str, Any], key: str, index: int, source: str) -> str | None:
+    """A key whose value, when given, is a string: YAML's `dtype: [1]` is an error naming the key."""
+    value = doc.get(key)
+    if value is not None and not isinstance(value, str):
+        raise PlanError(f"{source}: step {index + 1}: {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _step_from_dict(doc: Any, index: int, source: str = "plan") -> MergeStep:
+    if not isinstance(doc, Mapping):
+        raise PlanError(f"{source}: document {index + 1} is not a mapping")
+    if "slices" in doc:
+        raise PlanError(f"{source}: mergekit 'slices' configurations are not supported; use 'models'")
+    unknown = sorted(map(str, set(doc) - _STEP_KEYS))
+    if unknown:
+        raise PlanError(f"{source}: unknown key {unknown[0]!r} in document {index + 1}")
+    method = _optional_string(doc, "merge_method", index, source)
+    if not method:
         raise PlanError(f"{source}: document {index + 1} has no merge_method")
     raw_models = doc.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise PlanError(f"{source}: step {index + 1} ({method}) has no models list")
     refs = []
     for entry in raw_models:
-        if isinstance(entry, str):
+        if isinstance(entry, str) and entry:
             refs.append(ModelRef(entry))
-        elif isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
+        elif isinstance(entry, Mapping) and isinstance(entry.get("model"), str) and entry["model"]:
             params = entry.get("parameters") or {}
-            if not isinstance(params, Mapping):
-                raise PlanError(f"{source}: parameters of model {entry['model']!r} must be a mapping")
+            if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+                raise PlanError(
+                    f"{source}: parameters of model {entry['model']!r} must be a mapping of names to values"
+                )
             refs.append(ModelRef(entry["model"], dict(params)))
         else:
             raise PlanError(f"{source}: step {index + 1} has a model entry without 'model': {entry!r}")
     params = doc.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise PlanError(f"{source}: step {index + 1} parameters must be a mapping")
-    base = doc.get("base_model")
-    return MergeStep(method, tuple(refs), str(base) if base else None, dict(params), doc.get("name"))
+    if not all(isinstance(key, str) for key in params):
+        raise PlanError(f"{source}: step {index + 1} parameter names must be strings")
+    base = _optional_string(doc, "base_model", index, source)
+    name = _optional_string(doc, "name", index, source)
+    _optional_string(doc, "tokenizer_source", index, source)
+    return MergeStep(method, tuple(refs), base or None, dict(params), name or None)
