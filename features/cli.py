@@ -9,6 +9,7 @@ import click
 
 from simmerge.cli import Context, home_option, pass_context
 from simmerge.errors import NotFoundError
+from simmerge.resources import device_option_callback
 
 
 @click.command("features")
@@ -25,7 +26,13 @@ from simmerge.errors import NotFoundError
     default=None,
     help="Take the checkpoints from this zoo's catalog.json instead of the home catalog.",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda for the probe forward passes.")
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=device_option_callback,
+    help="cpu or cuda[:N] for the probe forward passes.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")

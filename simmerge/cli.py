@@ -7,7 +7,9 @@ command runs, which keeps `simmerge --help` fast and free of torch start-up.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from importlib.util import find_spec
@@ -93,12 +95,25 @@ def cli(ctx: click.Context, home: Path | None) -> None:
     ctx.obj = Context(home)
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so staged outputs (`.partial` directories) are removed; a second
+    SIGTERM during that cleanup is ignored rather than cutting it short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: bad input becomes one line on stderr and exit code 2."""
+    """Console entry point: bad input (and a failed write) becomes one line on stderr and exit code 2."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="simmerge", standalone_mode=False)
     except SimMergeError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # an unreadable or unwritable path the command did not name itself
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

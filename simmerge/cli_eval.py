@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from simmerge.cli import Context, home_option, pass_context
+from simmerge.resources import device_option_callback
 
 
 @click.command(name="eval")
@@ -18,7 +19,9 @@ from simmerge.cli import Context, home_option, pass_context
 @click.option("--metric", type=click.Choice(["token_accuracy", "exact_match", "loglik"]), default=None,
               help="Override every task's metric [default: each task's own, else token_accuracy].")  # fmt: skip
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option(
+    "--device", default="cpu", show_default=True, callback=device_option_callback, help="cpu or cuda[:N]."
+)
 @home_option
 @pass_context
 def eval_command(
@@ -36,17 +39,5 @@ def eval_command(
 
     tasks = load_tasks(task_source, names or None)
     path = catalog_resolver(ctx.home)(checkpoint)
-    scores = evaluate_checkpoint(path, tasks, metric, batch_size, _checked_device(device))
+    scores = evaluate_checkpoint(path, tasks, metric, batch_size, device)
     click.echo(json.dumps(scores, indent=2))
-
-
-def _checked_device(device: str) -> str:
-    import torch
-
-    from simmerge.errors import SimMergeError
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SimMergeError(f"device {device!r} requested but CUDA is not available")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise SimMergeError(f"unknown device {device!r}; use cpu or cuda[:N]")
-    return device

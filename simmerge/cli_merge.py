@@ -9,6 +9,7 @@ import click
 from simmerge.cli import Context, home_option, pass_context
 from simmerge.errors import PlanError, SimMergeError
 from simmerge.plan import Plan
+from simmerge.resources import device_option_callback
 
 
 def parse_param(text: str) -> tuple[str, object]:
@@ -68,7 +69,9 @@ def plan_from_flags(method: str, models: tuple[str, ...], base: str | None, para
     default=None,
     help="Output dtype [default: the sources' dtype].",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option(
+    "--device", default="cpu", show_default=True, callback=device_option_callback, help="cpu or cuda[:N]."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for random operators (DARE).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
@@ -94,7 +97,7 @@ def merge(
 ) -> None:
     """Merge checkpoints: `--method NAME --models A B... [--base B]`, or `--config plan.yaml`."""
     from simmerge.engine import run_merge
-    from simmerge.resolve import catalog_resolver
+    from simmerge.resolve import catalog_resolver, registered_paths
 
     models = models + extra_models
     if config is not None:
@@ -117,6 +120,7 @@ def merge(
         max_shard_size=max_shard_size,
         progress=not no_progress,
         overwrite=overwrite,
+        protected=registered_paths(ctx.home),
     )
     click.echo(
         f"merged {plan.describe()} -> {report.out_dir} "

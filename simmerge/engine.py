@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from simmerge.checkpoint import LM_HEAD, Checkpoint, check_compatible
 from simmerge.errors import PlanError, SimMergeError
 from simmerge.operators import get_operator
 from simmerge.plan import MergeStep, Plan
+from simmerge.resources import check_device
 from simmerge.writer import (
     OutputTensor,
     ShardedSafetensorsWriter,
@@ -190,12 +191,17 @@ def run_merge(
     overwrite: bool = False,
     checkpoints: Mapping[str, Checkpoint] | None = None,
     on_progress: Callable[[float], None] | None = None,
+    protected: Iterable[Path] = (),
 ) -> MergeReport:
-    """Merge to a checkpoint directory, streaming; the directory appears only when complete."""
+    """Merge to a checkpoint directory, streaming; the directory appears only when complete.
+
+    The output may not be, contain or lie inside one of the merge's inputs or a `protected` path
+    (the catalog's checkpoints), so `--overwrite` can never replace what the merge or catalog reads.
+    """
     started = time.perf_counter()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SimMergeError(f"device {device!r} requested but CUDA is not available")
+    check_device(device)
     prepared = prepare(plan, resolve, checkpoints)
+    check_output_path(Path(out_dir), [c.path for c in prepared.sources.values()], protected)
     out_dtype_name = dtype or plan.dtype
     if out_dtype_name is not None and out_dtype_name not in DTYPES:
         raise PlanError(f"dtype {out_dtype_name!r} is not one of {', '.join(DTYPES)}")
@@ -225,6 +231,17 @@ def run_merge(
         write_model_files(staging, prepared.reference, main_dtype, ties_lm_head=LM_HEAD not in prepared.names)
         _write_provenance(staging, prepared, seed, out_dtype_name)
     return MergeReport(out_path, len(layout), bytes_read, writer.bytes_written, time.perf_counter() - started)
+
+
+def check_output_path(out_dir: Path, inputs: Iterable[Path], protected: Iterable[Path] = ()) -> None:
+    """Refuse an output that is, contains or lies inside an input or a protected checkpoint."""
+    out = out_dir.expanduser().resolve()
+    for kind, paths in (("an input of this merge", inputs), ("a registered checkpoint", protected)):
+        for path in paths:
+            other = Path(path).expanduser().resolve()
+            if out == other or out in other.parents or other in out.parents:
+                relation = "is" if out == other else ("contains" if out in other.parents else "lies inside")
+                raise SimMergeError(f"output {out_dir} {relation} {other}, {kind}; choose another --out")
 
 
 def _output_tensor(reference: Checkpoint, name: str, dtype_name: str | None) -> OutputTensor:

@@ -21,23 +21,10 @@ from typing import BinaryIO
 
 import torch
 
-from simmerge.checkpoint import DTYPE_CODES, INDEX_FILE, SINGLE_FILE, Checkpoint
+from simmerge.checkpoint import AUX_FILES, DTYPE_CODES, INDEX_FILE, SINGLE_FILE, Checkpoint
 from simmerge.errors import SimMergeError
+from simmerge.paths import checked_path
 
-# Files that describe the model rather than its weights; copied from the base (or first model).
-AUX_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -154,23 +141,38 @@ class ShardedSafetensorsWriter:
 @contextmanager
 def staged_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir`; on success rename it into place, on failure delete it."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = Path(checked_path(out_dir, "output path")).absolute()
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
         raise SimMergeError(f"{out_dir}: output path already exists (use --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    with _output_errors(out_dir, "cannot create the output there"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        yield staging
-    except BaseException:
+        with _output_errors(out_dir, "writing the output failed; nothing was left at the output path"):
+            yield staging
+    except BaseException:  # an error, Ctrl-C or SIGTERM (the CLI turns it into SystemExit)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     retired = None
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
-        out_dir.rename(retired)
-    staging.rename(out_dir)
+    with _output_errors(out_dir, "cannot move the finished output into place"):
+        if out_dir.exists():
+            retired = out_dir.with_name(f".{out_dir.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
+            out_dir.rename(retired)
+        staging.rename(out_dir)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+@contextmanager
+def _output_errors(out_dir: Path, what: str) -> Iterator[None]:
+    """An OSError while writing (a full disk, a path under a file or in /proc) names the output path.
+
+    Reads raise CheckpointError themselves, so an OSError reaching here comes from writing.
+    """
+    try:
+        yield
+    except OSError as exc:
+        raise SimMergeError(f"{out_dir}: {what} ({exc.strerror or exc})") from exc
 
 
 def write_model_files(directory: Path, source: Checkpoint, dtype: torch.dtype, ties_lm_head: bool) -> None:
