@@ -233,6 +233,8 @@ class Plan:
             docs = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as exc:
             raise PlanError(f"{source}: not valid YAML ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # e.g. `2001-13-01` or `!!float abc`
+            raise PlanError(f"{source}: a YAML value cannot be read ({exc})") from exc
         if not docs:
             raise PlanError(f"{source}: the YAML holds no merge configuration")
         return cls.from_documents(docs, source)
