@@ -1,219 +1,121 @@
-"""Contextual bandit over merge operators: linear UCB and linear Thompson sampling, one shared model.
+"""A contextual bandit over plan-table rows: one shared linear model of the measured score.
 
-An arm is described by features (operator family, behavioural flags, parameters), a context by the
-pair's features, and the reward is modelled as θ · φ(context, arm, prior) with φ the outer product of
-`[1, context]` and `[1, arm]` plus the regressor's prediction for that plan (`prior`). Because θ is
-shared, an arm added later starts from what is known about arms that resemble it, and because θ starts
-at "trust the prior" (weight 1 on the prediction, ridge towards it), the bandit begins as the static
-regressor and only departs from it where rewards say so. A new task needs no registration: its
-checkpoints arrive as new contexts.
+A plan is described by its plan-table row (`models.table`): the context is the row's mean pair
+features, the arm is its operator descriptor (family, traits, parameters, plan shape). The reward is
+modelled as θ · φ with φ the outer product of `[1, context]` and `[1, arm]` plus the regressor's own
+prediction for the row (the prior). θ starts at "trust the prior" (weight 1 on the prediction, ridge
+towards it), so without feedback the bandit ranks as the regressor does, and because θ is shared a
+family or setting added online starts from what is known about the ones it resembles.
 
-State persists as `bandit.json` plus `A.npy` / `b.npy` (loaded with `allow_pickle=False`).
+The bandit keeps no state of its own: its posterior is a function of the store's feedback rows, the
+current predictor and the pair features, rebuilt or extended here as rows arrive (`Posterior.extend`).
+Two servers on one database therefore agree, and no update can be lost: each measurement is one row.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from simmerge.errors import ConflictError, NotFoundError, SimMergeError
+from simmerge.errors import SimMergeError
 
-POLICIES = ("ucb", "thompson")
-STATE_FILE = "bandit.json"
-LOCK_FILE = ".lock"
+MODES = ("exploit", "explore")
+# Widths are in reward units (normalised scores): score noise of about 0.02, a strong pull towards the
+# prior (ridge 10); chosen on the synthetic replay (bench/bench_bandit.py).
+RIDGE = 10.0
+PRIOR_WEIGHT = 1.0
+EXPLORE_ALPHA = 0.02
+# A measured score is a normalised score: 1 is the expert's own, 0 nothing; beyond this is a mistake.
+SCORE_RANGE = (-10.0, 10.0)
 
 
-@contextmanager
-def locked(directory: Path, *, exclusive: bool) -> Iterator[None]:
-    """Hold a bandit directory's lock: writers (load, update, save) exclusively, readers shared.
-
-    Its state is three files; several service worker processes read and update it, so without the
-    lock a reader could pair one update's `A` with another's `b`, and two updates could lose one.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / LOCK_FILE, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def check_score(score: float) -> float:
+    """The score as a float, or SimMergeError naming it and the range scores have."""
+    value = float(score)
+    low, high = SCORE_RANGE
+    if not np.isfinite(value) or not low <= value <= high:
+        raise SimMergeError(
+            f"score {score!r} is outside [{low:g}, {high:g}] (scores are normalised: 1 is the expert's own)"
+        )
+    return value
 
 
 @dataclass
-class LinearBandit:
-    context_dim: int
-    arm_dim: int
-    policy: str = "ucb"
-    # Widths are in reward units (normalised scores): the defaults assume score noise of about 0.02 and
-    # a strong pull towards the prior (ridge 10); chosen on the synthetic replay (bench/bench_bandit.py).
-    alpha: float = 0.02  # UCB width multiplier
-    noise: float = 0.02  # Thompson posterior scale (reward noise)
-    ridge: float = 10.0
-    prior_weight: float = 1.0  # θ's starting weight on the regressor's prediction
-    seed: int = 0
-    arms: dict[str, np.ndarray] = field(default_factory=dict)
-    arm_info: dict[str, dict[str, Any]] = field(default_factory=dict)
-    pulls: dict[str, int] = field(default_factory=dict)
-    context_center: np.ndarray | None = None
-    context_scale: np.ndarray | None = None
+class Posterior:
+    """Ridge-regression posterior over θ for rows with `context` and `arm` columns of a plan table."""
+
+    context_columns: np.ndarray  # int indices of the row's mean pair features
+    arm_columns: np.ndarray  # int indices of the row's operator descriptor
+    ridge: float = RIDGE
+    prior_weight: float = PRIOR_WEIGHT
+    last_id: int = 0  # the newest feedback row folded in
+    pulls: int = 0
+    A_inv: np.ndarray = field(init=False)
+    b: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise SimMergeError(f"bandit policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         d = self.dim
-        self.A = np.eye(d) * self.ridge
+        self.A_inv = np.eye(d) / self.ridge
         self.b = np.zeros(d)
         self.b[-1] = self.ridge * self.prior_weight
-        self._A_inv = np.eye(d) / self.ridge
-        self._rng = np.random.default_rng(self.seed)
+
+    @classmethod
+    def for_columns(cls, columns: list[str]) -> Posterior:
+        context = [i for i, c in enumerate(columns) if c.startswith("pair:mean:")]
+        arm = [i for i, c in enumerate(columns) if c.startswith("op:")]
+        if not context or not arm:
+            raise SimMergeError("the plan table has no pair:mean: or op: columns for the bandit")
+        return cls(np.asarray(context), np.asarray(arm))
 
     @property
     def dim(self) -> int:
-        return (self.context_dim + 1) * (self.arm_dim + 1) + 1
-
-    # -- arms ---------------------------------------------------------------------------------
-    def add_arm(self, name: str, features: Sequence[float], info: Mapping[str, Any] | None = None) -> None:
-        """Offer a new choice at any time; it shares θ, so it is not a cold start."""
-        if name in self.arms:
-            raise ConflictError(f"bandit arm {name!r} already exists")
-        vector = np.asarray(features, dtype=np.float64)
-        if vector.shape != (self.arm_dim,):
-            raise SimMergeError(f"arm {name!r} has {vector.size} features, the bandit expects {self.arm_dim}")
-        self.arms[name] = vector
-        self.arm_info[name] = dict(info or {})
-        self.pulls[name] = 0
-
-    def set_context_scaler(self, contexts: np.ndarray) -> None:
-        """Standardise contexts with these statistics from now on (typically the training catalog's)."""
-        contexts = np.asarray(contexts, dtype=np.float64)
-        self.context_center = np.nan_to_num(np.nanmean(contexts, axis=0))
-        std = np.nan_to_num(np.nanstd(contexts, axis=0))
-        self.context_scale = np.where(std > 1e-12, std, 1.0)
-
-    # -- model --------------------------------------------------------------------------------
-    def features(self, context: Sequence[float], arm: str, prior: float = 0.0) -> np.ndarray:
-        if arm not in self.arms:
-            raise NotFoundError(f"bandit arm {arm!r} does not exist")
-        c = np.asarray(context, dtype=np.float64)
-        if c.shape != (self.context_dim,):
-            raise SimMergeError(f"context has {c.size} values, the bandit expects {self.context_dim}")
-        if self.context_center is not None and self.context_scale is not None:
-            c = (c - self.context_center) / self.context_scale
-        c = np.nan_to_num(c, nan=0.0)  # a feature the pair cannot support carries no evidence
-        crossed = np.outer(np.concatenate([[1.0], c]), np.concatenate([[1.0], self.arms[arm]])).ravel()
-        return np.concatenate([crossed, [float(prior)]])
+        return (len(self.context_columns) + 1) * (len(self.arm_columns) + 1) + 1
 
     @property
     def theta(self) -> np.ndarray:
-        return self._A_inv @ self.b
+        return self.A_inv @ self.b
 
-    def scores(
-        self,
-        context: Sequence[float],
-        priors: Mapping[str, float] | None = None,
-        arms: Sequence[str] | None = None,
-    ) -> dict[str, tuple[float, float]]:
-        """(expected reward, posterior standard deviation / noise) per candidate arm."""
-        names = list(arms) if arms is not None else list(self.arms)
-        phi = np.stack([self.features(context, a, (priors or {}).get(a, 0.0)) for a in names])
+    def features(self, rows: np.ndarray, priors: np.ndarray) -> np.ndarray:
+        """φ per row: [1, context] ⊗ [1, arm], then the prior; a missing feature carries no evidence."""
+        rows = np.nan_to_num(np.asarray(rows, dtype=np.float64), nan=0.0)
+        n = len(rows)
+        context = np.concatenate([np.ones((n, 1)), rows[:, self.context_columns]], axis=1)
+        arm = np.concatenate([np.ones((n, 1)), rows[:, self.arm_columns]], axis=1)
+        crossed = np.einsum("ni,nj->nij", context, arm).reshape(n, -1)
+        return np.concatenate([crossed, np.asarray(priors, dtype=np.float64).reshape(n, 1)], axis=1)
+
+    def extend(self, rows: np.ndarray, priors: np.ndarray, scores: np.ndarray, last_id: int) -> None:
+        """Fold in measured scores (Sherman–Morrison, O(d²) each); a non-finite result is refused and
+        the posterior stays as it was."""
+        phi = self.features(rows, priors)
+        A_inv, b = self.A_inv.copy(), self.b.copy()
+        for x, reward in zip(phi, np.asarray(scores, dtype=np.float64), strict=True):
+            a_x = A_inv @ x
+            A_inv -= np.outer(a_x, a_x) / (1.0 + x @ a_x)
+            b += reward * x
+        if not (np.isfinite(A_inv).all() and np.isfinite(b).all()):
+            raise SimMergeError("the bandit's update would store a non-finite state; the feedback is refused")
+        self.A_inv, self.b = A_inv, b
+        self.pulls += len(phi)
+        self.last_id = max(self.last_id, last_id)
+
+    def estimate(
+        self, rows: np.ndarray, priors: np.ndarray, *, widths: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(posterior mean, posterior width) per row; widths cost O(d²) a row, so only when asked."""
+        phi = self.features(rows, priors)
         mean = phi @ self.theta
-        width = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", phi, self._A_inv, phi), 0.0))
-        return {a: (float(m), float(w)) for a, m, w in zip(names, mean, width, strict=True)}
+        if not widths:
+            return mean, np.full(len(phi), np.nan)
+        width = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", phi, self.A_inv, phi), 0.0))
+        return mean, width
 
-    def select(
-        self,
-        context: Sequence[float],
-        priors: Mapping[str, float] | None = None,
-        arms: Sequence[str] | None = None,
-    ) -> str:
-        """The arm to try: highest upper confidence bound, or highest reward under one posterior draw."""
-        names = list(arms) if arms is not None else list(self.arms)
-        if not names:
-            raise SimMergeError("the bandit has no arms to choose from")
-        phi = np.stack([self.features(context, a, (priors or {}).get(a, 0.0)) for a in names])
-        mean = phi @ self.theta
-        if self.policy == "ucb":
-            width = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", phi, self._A_inv, phi), 0.0))
-            value = mean + self.alpha * width
-        else:
-            # Sample the arms' rewards jointly from the posterior projected onto them (n_arms², not d²).
-            cov = self.noise**2 * (phi @ self._A_inv @ phi.T)
-            value = self._rng.multivariate_normal(mean, cov + 1e-12 * np.eye(len(names)), method="cholesky")
-        return names[int(np.argmax(value))]
-
-    def update(self, context: Sequence[float], arm: str, reward: float, prior: float = 0.0) -> None:
-        """Learn one observed reward (Sherman–Morrison keeps A⁻¹ current in O(d²))."""
-        if not np.isfinite(reward):
-            raise SimMergeError(f"reward {reward!r} is not a finite number")
-        phi = self.features(context, arm, prior)
-        self.A += np.outer(phi, phi)
-        self.b += reward * phi
-        a_phi = self._A_inv @ phi
-        self._A_inv -= np.outer(a_phi, a_phi) / (1.0 + phi @ a_phi)
-        self.pulls[arm] += 1
-
-    # -- persistence --------------------------------------------------------------------------
-    def save(self, directory: Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "A.npy", self.A, allow_pickle=False)
-        np.save(directory / "b.npy", self.b, allow_pickle=False)
-        state = {
-            "context_dim": self.context_dim,
-            "arm_dim": self.arm_dim,
-            "policy": self.policy,
-            "alpha": self.alpha,
-            "noise": self.noise,
-            "ridge": self.ridge,
-            "prior_weight": self.prior_weight,
-            "seed": self.seed,
-            "arms": {name: vec.tolist() for name, vec in self.arms.items()},
-            "arm_info": self.arm_info,
-            "pulls": self.pulls,
-            "context_center": None if self.context_center is None else self.context_center.tolist(),
-            "context_scale": None if self.context_scale is None else self.context_scale.tolist(),
-            "rng": self._rng.bit_generator.state,
-        }
-        tmp = directory / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        tmp.replace(directory / STATE_FILE)
-        return directory
-
-    @classmethod
-    def load(cls, directory: Path) -> LinearBandit:
-        directory = Path(directory)
-        path = directory / STATE_FILE
-        if not path.exists():
-            raise NotFoundError(f"no bandit state in {directory} ({STATE_FILE} missing)")
-        state = json.loads(path.read_text())
-        bandit = cls(
-            context_dim=state["context_dim"],
-            arm_dim=state["arm_dim"],
-            policy=state["policy"],
-            alpha=state["alpha"],
-            noise=state["noise"],
-            ridge=state["ridge"],
-            prior_weight=state["prior_weight"],
-            seed=state["seed"],
-        )
-        for name, vec in state["arms"].items():
-            bandit.add_arm(name, vec, state["arm_info"].get(name))
-        bandit.pulls = {k: int(v) for k, v in state["pulls"].items()}
-        if state["context_center"] is not None:
-            bandit.context_center = np.asarray(state["context_center"])
-            bandit.context_scale = np.asarray(state["context_scale"])
-        bandit.A = np.load(directory / "A.npy", allow_pickle=False)
-        bandit.b = np.load(directory / "b.npy", allow_pickle=False)
-        if bandit.A.shape != (bandit.dim, bandit.dim) or bandit.b.shape != (bandit.dim,):
-            raise SimMergeError(f"bandit state in {directory} has matrices of the wrong shape")
-        bandit._A_inv = np.linalg.inv(bandit.A)
-        bandit._rng.bit_generator.state = state["rng"]
-        return bandit
+    def value(
+        self, rows: np.ndarray, priors: np.ndarray, mode: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ranking value, mean, width): the mean to exploit, the upper confidence bound to explore."""
+        if mode not in MODES:
+            raise SimMergeError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        mean, width = self.estimate(rows, priors, widths=mode == "explore")
+        return (mean + EXPLORE_ALPHA * width if mode == "explore" else mean), mean, width

@@ -1,4 +1,5 @@
-"""`simmerge train`, `evaluate-selector`, `recommend`, `score-catalog`: thin click layers over `models.api`.
+"""`simmerge train`, `evaluate-selector`: thin click layers over `models.api` (the commands that read the
+store, `recommend` and `score-catalog`, are in `service.cli_selection`).
 
 Heavy imports (LightGBM, pandas, matplotlib) happen inside the commands, so `simmerge --help` stays fast.
 """
@@ -11,7 +12,6 @@ from pathlib import Path
 import click
 
 from simmerge.cli import Context, home_option, pass_context
-from simmerge.errors import SimMergeError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 _DIR = click.Path(file_okay=False, path_type=Path)
@@ -125,103 +125,3 @@ def evaluate_selector(
         )
     else:
         click.echo(markdown_table(results))
-
-
-@click.command("recommend")
-@home_option
-@click.option("--models", multiple=True, help="Checkpoints by catalog name; give several: --models A B C.")
-@click.argument("extra_models", nargs=-1)
-@click.option("--top", type=int, default=5, show_default=True)
-@click.option("--max-models", type=int, default=None, help="Largest subset to merge [default: all given].")
-@click.option("--base", default=None, help="The experts' base [default: from the catalog].")
-@_pair_features_option
-@click.option(
-    "--predictor",
-    type=_DIR,
-    default=None,
-    help="Predictor directory [default: HOME/predictor, else shipped].",
-)
-@click.option("--json", "as_json", is_flag=True, help='Print {"plans": [...]} as JSON.')
-@pass_context
-def recommend(
-    ctx: Context,
-    models: tuple[str, ...],
-    extra_models: tuple[str, ...],
-    top: int,
-    max_models: int | None,
-    base: str | None,
-    pair_features: Path | None,
-    predictor: Path | None,
-    as_json: bool,
-) -> None:
-    """Rank merge plans (operator, subset, order) of the given checkpoints by predicted score."""
-    from models.api import recommend as recommend_plans
-
-    names = list(models) + list(extra_models)
-    if len(names) < 2:
-        raise SimMergeError(f"--models needs at least two checkpoints, got {names}")
-    result = recommend_plans(
-        names,
-        top=top,
-        home=ctx.home,
-        max_models=max_models,
-        base=base,
-        pair_features=pair_features,
-        predictor=predictor,
-    )
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    for plan in result["plans"]:
-        drivers = ", ".join(f"{d['feature']} ({d['contribution']:+.3f})" for d in plan["drivers"])
-        click.echo(
-            f"{plan['rank']:2d}. {plan['predicted_score']:.3f} ± {plan['uncertainty']:.3f}  {plan['description']}"
-            f"\n    drivers: {drivers}"
-        )
-
-
-@click.command("score-catalog")
-@home_option
-@click.option("--out", type=_FILE, default=None, help="Write the table to FILE.parquet or FILE.csv.")
-@click.option(
-    "--plot", type=_FILE, default=None, help="Write a heatmap of the best predicted merge per pair (PNG)."
-)
-@click.option(
-    "--models", multiple=True, help="Score only these checkpoints [default: every expert in the catalog]."
-)
-@_pair_features_option
-@click.option(
-    "--predictor",
-    type=_DIR,
-    default=None,
-    help="Predictor directory [default: HOME/predictor, else shipped].",
-)
-@pass_context
-def score_catalog(
-    ctx: Context,
-    out: Path | None,
-    plot: Path | None,
-    models: tuple[str, ...],
-    pair_features: Path | None,
-    predictor: Path | None,
-) -> None:
-    """Predict every pair × operator setting of the catalog."""
-    from models.api import score_catalog as score
-
-    result = score(
-        home=ctx.home,
-        models=list(models) or None,
-        out=out,
-        plot=plot,
-        pair_features=pair_features,
-        predictor=predictor,
-    )
-    click.echo(f"scored {result['rows']} candidates over {result['checkpoints']} checkpoints")
-    for key in ("table", "plot"):
-        if key in result:
-            click.echo(f"  {key}: {result[key]}")
-    for row in result["best"][:5]:
-        click.echo(
-            f"  {row['model_a']} ⊕ {row['model_b']}: {row['method']} {json.dumps(row['parameters'])} "
-            f"→ {row['predicted_score']:.3f} ± {row['uncertainty']:.3f}"
-        )

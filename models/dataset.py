@@ -12,20 +12,15 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import combinations
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.descriptors import (
-    descriptor_names,
-    fold_weights,
-    operator_descriptor,
-    oriented_params,
-    plan_descriptor,
-)
+from models.plans import Candidate, OperatorSetting, candidate_from_plan
+from models.ports import PairFeatureSource
+from models.table import PlanTable, feature_names
 from simmerge.errors import NotFoundError, SimMergeError
 from simmerge.plan import Plan
 
@@ -36,16 +31,6 @@ REQUIRED_COLUMNS = ("method", "models", "held_in_score")
 # identical checkpoints still get identity-preserving merges on top (tests/test_models_default.py).
 SELF_ROW_WEIGHT = 0.2
 TARGETS = ("held_in", "held_out")
-AGGREGATES = ("mean", "min", "max")
-
-
-class PairFeatureSource(Protocol):
-    """Anything that turns checkpoint pairs into feature rows (the features package, or a test fake)."""
-
-    @property
-    def feature_names(self) -> list[str]: ...
-
-    def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray: ...
 
 
 @dataclass
@@ -126,44 +111,6 @@ def target_column(target: str) -> str:
     return f"{target}_score"
 
 
-def pair_feature_names(base_names: Sequence[str]) -> list[str]:
-    return [f"pair:{agg}:{name}" for agg in AGGREGATES for name in base_names]
-
-
-def member_pairs(models: Sequence[str]) -> list[tuple[str, str]]:
-    """Every unordered pair of members, each sorted so (a, b) and (b, a) share a row.
-
-    Distinct members pair only with each other; a checkpoint merged with itself is the pair (a, a).
-    """
-    unique = sorted(set(models))
-    if len(unique) == 1 and len(models) > 1:
-        return [(unique[0], unique[0])]
-    return list(combinations(unique, 2))
-
-
-def aggregate_pair_rows(rows: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """(n_pairs, n_features) → (3 · n_features,): (weighted) mean, min and max over the member pairs."""
-    # np.average's own arithmetic, without its argument checks (they cost more than the sums here)
-    if weights is None:
-        mean = rows.sum(axis=0) / len(rows)
-    else:
-        column = np.asarray(weights, dtype=np.float64)[:, None]
-        mean = (rows * column).sum(axis=0) / column.sum(axis=0)
-    out = np.empty(3 * rows.shape[1])
-    out[: rows.shape[1]] = mean
-    rows.min(axis=0, out=out[rows.shape[1] : 2 * rows.shape[1]])
-    rows.max(axis=0, out=out[2 * rows.shape[1] :])
-    return out
-
-
-def pair_weights(members: Sequence[str], kind: str) -> np.ndarray | None:
-    """Weights of `member_pairs(members)` in the mean: a fold's pairs weigh by their members' shares."""
-    if kind != "fold":
-        return None
-    share = dict(zip(members, fold_weights(len(members)), strict=True))
-    return np.asarray([share[a] * share[b] for a, b in member_pairs(members)])
-
-
 def _row_plan(row: Mapping[str, Any]) -> Plan | None:
     text = row.get("plan_json")
     if isinstance(text, str) and text:
@@ -180,21 +127,6 @@ def _row_params(row: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _kind(row: Mapping[str, Any], members: Sequence[str]) -> str:
-    return str(row.get("kind") or ("pair" if len(members) == 2 else "kway"))
-
-
-def row_descriptor(row: Mapping[str, Any], n_models: int) -> np.ndarray:
-    kind = str(row.get("kind") or ("pair" if n_models == 2 else "kway"))
-    if kind == "self":  # described as the pair merge it is, whose two checkpoints happen to be one
-        return operator_descriptor(str(row["method"]), _row_params(row), kind="pair", n_models=2)
-    plan = _row_plan(row)
-    if plan is not None:
-        return plan_descriptor(plan, kind=kind)
-    params = oriented_params(str(row["method"]), _row_params(row), _as_list(row["models"]))
-    return operator_descriptor(str(row["method"]), params, kind=kind, n_models=n_models)
-
-
 def setting_key(row: Mapping[str, Any]) -> str:
     """The operator setting a row used, independent of its checkpoints (fold steps joined by `>`)."""
     plan = _row_plan(row)
@@ -205,7 +137,7 @@ def setting_key(row: Mapping[str, Any]) -> str:
 
 
 def build_dataset(labels: pd.DataFrame, source: PairFeatureSource, target: str = "held_in") -> Dataset:
-    """Features for every labelled plan; each distinct pair's features are computed once."""
+    """Features for every labelled plan, through the plan table (each distinct pair's features once)."""
     column = target_column(target)
     if column not in labels.columns:
         raise SimMergeError(f"labels lack the target column {column!r}")
@@ -214,35 +146,30 @@ def build_dataset(labels: pd.DataFrame, source: PairFeatureSource, target: str =
         raise SimMergeError(f"no labelled plan has a {column}")
     records = frame.to_dict("records")
     experts = [_experts(r) for r in records]
-    all_pairs = sorted({p for members in experts for p in member_pairs(members)})
-    if not all_pairs:
-        raise SimMergeError("labels hold no plan over two or more checkpoints")
-    pair_rows = np.asarray(source.pair_features(all_pairs), dtype=np.float64)
-    pair_index = {p: i for i, p in enumerate(all_pairs)}
-    X = np.stack(
-        [
-            np.concatenate(
-                [
-                    row_descriptor(r, len(members)),
-                    aggregate_pair_rows(
-                        pair_rows[[pair_index[p] for p in member_pairs(members)]],
-                        pair_weights(members, _kind(r, members)),
-                    ),
-                ]
-            )
-            for r, members in zip(records, experts, strict=True)
-        ]
-    )
+    table = PlanTable(source, feature_names(source.feature_names))
+    X = table.rows([label_candidate(r, members) for r, members in zip(records, experts, strict=True)])
     return Dataset(
         X=X,
         y=frame[column].to_numpy(dtype=np.float64),
-        feature_names=descriptor_names() + pair_feature_names(source.feature_names),
+        feature_names=table.columns,
         pools=np.asarray([pool_key(m) for m in experts]),
         settings=np.asarray([setting_key(r) for r in records]),
         kinds=np.asarray([str(r.get("kind") or "pair") for r in records]),
         models=experts,
         plan_ids=np.asarray([str(r.get("plan_id") or i) for i, r in enumerate(records)]),
     )
+
+
+def label_candidate(row: Mapping[str, Any], members: Sequence[str]) -> Candidate:
+    """The candidate a labelled plan is: from its plan where the label keeps one, else from its method
+    and parameters; a `self` row (a checkpoint merged with itself) is the pair merge it is."""
+    kind = str(row.get("kind") or ("pair" if len(members) == 2 else "kway"))
+    plan = _row_plan(row)
+    if plan is not None and kind != "self":
+        candidate = candidate_from_plan(plan, cross_family=kind == "cross_family")
+        return Candidate(tuple(members), candidate.settings, candidate.cross_family)
+    setting = OperatorSetting(str(row["method"]), _row_params(row))
+    return Candidate(tuple(members), (setting,), kind == "cross_family")
 
 
 def _experts(row: Mapping[str, Any]) -> list[str]:

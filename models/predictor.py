@@ -10,6 +10,7 @@ times faster than LightGBM's Python API on a few rows), or from LightGBM where a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ from simmerge.errors import NotFoundError, SimMergeError
 if TYPE_CHECKING:
     from models.compiled_trees import CompiledEnsemble
 
+log = logging.getLogger("simmerge.models")
+# Boosters this process loaded that the compiled evaluator could not take (the service exports the count).
+UNCOMPILED: list[str] = []
 META_FILE = "meta.json"
 QUANTILES = (0.1, 0.9)
 DEFAULT_PARAMS: dict[str, Any] = {
@@ -126,10 +130,15 @@ class LightGBMSelector:
         return self.boosters["mean"].predict(X, pred_contrib=True, num_threads=threads)[:, :-1]
 
     def _compile(self) -> None:
-        """Compile every booster's trees (None for a model the compiled evaluator does not cover)."""
+        """Compile every booster's trees; a model the compiled evaluator does not cover keeps LightGBM,
+        and says so (a warning, and `simmerge_uncompiled_boosters` in the service's /metrics)."""
         from models.compiled_trees import CompiledEnsemble
 
         self._compiled = {key: (b, CompiledEnsemble.from_booster(b)) for key, b in self.boosters.items()}
+        for key, (_, trees) in self._compiled.items():
+            if trees is None:
+                UNCOMPILED.append(key)
+                log.warning("predictor booster %r cannot be compiled; predicting with LightGBM (slower)", key)
 
     def _compiled_for(self, *keys: str) -> list[CompiledEnsemble] | None:
         """The compiled trees of these boosters, or None (use LightGBM) unless every one is compiled from

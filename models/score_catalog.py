@@ -1,83 +1,19 @@
-"""Score every pair of a catalog under every operator setting, and draw the best merge per pair.
+"""Catalog scoring's outputs: the table (Parquet or CSV) and the heatmap of the best merge per pair.
 
-For n checkpoints and s settings this predicts n(n−1)/2 · s rows, so it is vectorised: the pairs'
-features are computed once, each setting's block is built by broadcasting its descriptor, and
-prediction runs in chunks that bound memory. Names and methods stay categorical (Parquet dictionary
-encoding), so a million-row table stays small.
+The scores themselves come from `models.selection.Selection.score_pairs`, through the plan table.
+Names and methods stay categorical (Parquet dictionary encoding), so a million-row table stays small.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from models.dataset import PairFeatureSource
-from models.descriptors import DEFAULT_SETTINGS, OperatorSetting, descriptor_names, operator_descriptor
 from simmerge.errors import SimMergeError
 
 COLUMNS = ("model_a", "model_b", "method", "parameters", "predicted_score", "uncertainty")
-CHUNK_ROWS = 100_000
-Progress = Callable[[float, str | None], None]
-
-
-def score_pairs(
-    names: Sequence[str],
-    selector: Any,
-    source: PairFeatureSource,
-    settings: Sequence[OperatorSetting] = DEFAULT_SETTINGS,
-    progress: Progress | None = None,
-) -> pd.DataFrame:
-    """One row per (pair, setting) with the columns of `COLUMNS`."""
-    names = list(dict.fromkeys(names))
-    if len(names) < 2:
-        raise SimMergeError(f"scoring a catalog needs at least two checkpoints, got {len(names)}")
-    if not settings:
-        raise SimMergeError("no operator settings to score")
-    ia, ib = np.triu_indices(len(names), k=1)
-    pairs = [(names[a], names[b]) for a, b in zip(ia, ib, strict=True)]
-    features = np.asarray(source.pair_features(pairs), dtype=np.float64)
-    n_pairs, n_desc = len(pairs), len(descriptor_names())
-    means, uncs = [], []
-    for index, setting in enumerate(settings):
-        desc = operator_descriptor(setting.method, setting.params, kind="pair", n_models=2)
-        mean, unc = np.empty(n_pairs), np.empty(n_pairs)
-        for start in range(0, n_pairs, CHUNK_ROWS):
-            block = features[start : start + CHUNK_ROWS]
-            X = np.empty((len(block), n_desc + 3 * block.shape[1]))
-            X[:, :n_desc] = desc
-            for k in range(3):  # one pair: its mean, min and max are the pair's own features
-                X[:, n_desc + k * block.shape[1] : n_desc + (k + 1) * block.shape[1]] = block
-            mean[start : start + len(block)], unc[start : start + len(block)] = selector.predict(X)
-        means.append(mean)
-        uncs.append(unc)
-        if progress is not None:
-            progress((index + 1) / len(settings), setting.label())
-    n_settings = len(settings)
-    setting_codes = np.repeat(np.arange(n_settings), n_pairs)
-    return pd.DataFrame(
-        {
-            "model_a": pd.Categorical.from_codes(np.tile(ia, n_settings), categories=pd.Index(names)),
-            "model_b": pd.Categorical.from_codes(np.tile(ib, n_settings), categories=pd.Index(names)),
-            "method": _categorical([s.method for s in settings], setting_codes),
-            "parameters": _categorical(
-                [json.dumps(dict(s.params), sort_keys=True) for s in settings], setting_codes
-            ),
-            "predicted_score": np.concatenate(means),
-            "uncertainty": np.concatenate(uncs),
-        }
-    )
-
-
-def _categorical(per_setting: list[str], setting_codes: np.ndarray) -> pd.Categorical:
-    """A column that repeats one value per setting, stored as codes into its distinct values."""
-    categories = list(dict.fromkeys(per_setting))
-    lookup = np.asarray([categories.index(v) for v in per_setting])
-    return pd.Categorical.from_codes(lookup[setting_codes], categories=pd.Index(categories))
 
 
 def best_per_pair(table: pd.DataFrame) -> pd.DataFrame:

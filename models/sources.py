@@ -64,10 +64,13 @@ class FeaturesPackageSource:
 
     Missing signatures are computed on first use, all at once (the features package caches them by
     content hash and shares one pass over each base), so the first call for new checkpoints costs one
-    probe pass each; later calls only read the cache.
+    probe pass each; later calls only read the cache. The service passes `compute_missing=False`: a
+    request never runs a probe pass, it answers 409 naming the checkpoints (`MissingSignaturesError`).
     """
 
-    def __init__(self, home: Path, paths: Mapping[str, Path] | None = None) -> None:
+    def __init__(
+        self, home: Path, paths: Mapping[str, Path] | None = None, *, compute_missing: bool = True
+    ) -> None:
         try:
             from features import cache, pairwise, schema
         except ImportError as exc:  # pragma: no cover - the package ships with simmerge
@@ -76,6 +79,7 @@ class FeaturesPackageSource:
         self.home = Path(home)
         self._paths = {str(k): Path(v) for k, v in (paths or {}).items()}
         self._signatures: dict[str, Any] = {}
+        self.compute_missing = compute_missing
 
     @property
     def feature_names(self) -> list[str]:
@@ -90,12 +94,22 @@ class FeaturesPackageSource:
         if not missing:
             return
         known = {n: self._paths[n] for n in missing if n in self._paths}
-        if known:
+        if known and self.compute_missing:
             self._cache.compute_signatures(known, home=self.home, progress=False)
+        absent = []
         for name in missing:
-            self._signatures[name] = self._cache.load_signature(
-                self.home, self._paths.get(name, name), name=name
-            )
+            try:
+                self._signatures[name] = self._cache.load_signature(
+                    self.home, self._paths.get(name, name), name=name, compute=self.compute_missing
+                )
+            except NotFoundError:
+                if self.compute_missing:
+                    raise
+                absent.append(name)
+        if absent:
+            from models.ports import MissingSignaturesError
+
+            raise MissingSignaturesError(absent)
 
     def pair_features(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         names = sorted({m for p in pairs for m in p})

@@ -17,7 +17,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from models.descriptors import _FLAGS, DEFAULT_SETTINGS, OperatorSetting, family_of
+from models.plans import DEFAULT_SETTINGS, OperatorSetting
 from simmerge.plan import Plan
 
 SYNTHETIC_FEATURES = ("cosine", "distance", "norm_sum", "norm_gap", "noise0", "noise1", "noise2")
@@ -75,8 +75,8 @@ def make_catalog(
 
 def setting_score(setting: OperatorSetting, cosine: float, norm_gap: float) -> float:
     """The known (noise-free) score of merging experts with this mean cosine using `setting`."""
-    family = family_of(setting.method)
-    flags = _FLAGS[family]
+    family = setting.method
+    flags = setting.operator.traits()
     interference = 1.0 - cosine
     if family in ("linear", "slerp"):
         return (

@@ -23,30 +23,29 @@ log = logging.getLogger("simmerge.service")
 
 @dataclass(frozen=True)
 class RecommendationQuery:
-    """One recommendation request as the selector sees it (`base`: the experts' common base, if any)."""
+    """One recommendation request as the selector sees it (`base`: the experts' common base, if any;
+    `cross_family`: the catalog knows their bases and they differ)."""
 
     models: tuple[str, ...]
     top: int
     task: str | None = None
     base: str | None = None
+    cross_family: bool = False
+    mode: str = "exploit"
 
 
 class Selector(Protocol):
     """What the recommendation and feedback endpoints need from the learned selector."""
 
-    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[list[dict[str, Any]]]:
-        """Each query's ranked plans, computed together (the requests a busy server batches).
+    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[dict[str, Any]]:
+        """Each query's `{"plans": [...], "ranked_by": ...}`, computed together (a batch).
 
-        Dicts with rank, models, steps, predicted_score, uncertainty, mergekit_yaml, drivers.
+        Plans are dicts with rank, models, steps, predicted_score, uncertainty, mergekit_yaml, drivers.
         """
         ...
 
-    def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
-        """Teach the bandit a measured reward so the next recommendation reflects it."""
-        ...
-
-    def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
-        """Offer a new operator setting to the bandit."""
+    def check_feedback(self, plan: dict[str, Any], score: float) -> None:
+        """Raise if a measured score of `plan` could not teach the bandit (before it is stored)."""
         ...
 
 
@@ -71,20 +70,23 @@ def _missing(what: str, exc: Exception) -> UnavailableError:
 
 
 class ModelsSelector:
-    """The real selector: `models.api` over the home's predictor, bandit and cached signatures.
+    """The real selector: `models.selection.Selection` over the home's predictor, the signature cache
+    and the store's feedback and arms.
 
-    `models` is imported on first use (it pulls in LightGBM and pandas), never at start-up. The
-    predictor and the pair-feature source are kept between requests (reloaded when their files
-    change): parsing the boosters and the table costs ~100 ms, several times the prediction itself.
-    The catalog is the service's (it may live in PostgreSQL), so the common base is looked up here.
+    `models` is imported on first use (it pulls in LightGBM and pandas), never when `service` is. The
+    selection (predictor, feature source, plan table, the bandit's posterior) is kept between requests
+    and rebuilt when the predictor's files or the catalog change: parsing the boosters costs ~100 ms,
+    several times a recommendation. Feedback other processes stored is folded in on the next call.
+    A request never computes a signature: a missing one is a 409 naming the checkpoints.
     """
 
-    def __init__(self, home: Path, catalog: Catalog, pair_features: Path | None = None) -> None:
+    def __init__(self, home: Path, catalog: Catalog, store: Any, pair_features: Path | None = None) -> None:
         self.home = home
         self.catalog = catalog
+        self.store = store
         self.pair_features = pair_features
         self._lock = threading.Lock()
-        self._cached: tuple[tuple[Any, ...], Any, dict[str, Any], Any] | None = None
+        self._cached: tuple[tuple[Any, ...], Any] | None = None
 
     @staticmethod
     def _api() -> Any:
@@ -94,8 +96,9 @@ class ModelsSelector:
             raise _missing("the learned selector (models.api)", exc) from exc
         return api
 
-    def _loaded(self, api: Any) -> tuple[Any, dict[str, Any], Any]:
-        """(predictor, its metadata, pair-feature source), rebuilt when a file or the catalog changes."""
+    def _selection(self) -> Any:
+        """The kept selection, rebuilt when a predictor file or the catalog changes."""
+        api = self._api()
         directory = api.predictor_dir(self.home)
         watched = (directory / "meta.json", self.pair_features or directory / "meta.json")
         stamp = (
@@ -104,20 +107,11 @@ class ModelsSelector:
             self._catalog_version() if self.pair_features is None else None,
         )
         if self._cached is None or self._cached[0] != stamp:
-            predictor, meta = api.load_predictor(directory)
-            source = self._source(api)
-            api.check_source(meta, source)
-            self._cached = (stamp, predictor, meta, source)
-        return self._cached[1], self._cached[2], self._cached[3]
-
-    def _source(self, api: Any) -> Any:
-        """A pair-feature table if configured, else the signature cache with paths from *this* catalog
-        (which may be PostgreSQL, where `models.api.home_source` would look for a SQLite file)."""
-        if self.pair_features is not None:
-            return api.home_source(self.home, self.pair_features)
-        from models.sources import FeaturesPackageSource
-
-        return FeaturesPackageSource(self.home, {e.name: e.path for e in self.catalog.list()})
+            paths = {e.name: e.path for e in self.catalog.list()}
+            source = api.home_source(self.home, self.pair_features, paths=paths, compute_missing=False)
+            selection = api.load_selection(self.home, source, feedback=self.store, arms=self.store)
+            self._cached = (stamp, selection)
+        return self._cached[1]
 
     def _catalog_version(self) -> tuple[int, int]:
         from sqlalchemy import func, select
@@ -130,13 +124,11 @@ class ModelsSelector:
         return int(count), int(last or 0)
 
     def warm(self) -> None:
-        """Load the predictor and feature source now, at start-up, rather than in the first request
-        (each web worker process would otherwise make one request per worker wait ~0.5 s or more).
+        """Load the predictor and feature source now, at start-up, rather than in the first request.
         A home without a predictor or features yet is fine: the first request that needs them says so."""
         try:
             with self._lock:
-                predictor, _meta, _source = self._loaded(self._api())
-                self._exercise(predictor)
+                self._exercise(self._selection().selector)
         except Exception as exc:
             log.info("selector not preloaded: %s", exc)
 
@@ -154,31 +146,30 @@ class ModelsSelector:
         if hasattr(predictor, "contributions"):
             predictor.contributions(row)
 
-    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[list[dict[str, Any]]]:
-        """What `models.api.recommend` does for each query, with the predictor and source kept warm."""
-        from models.plan_ranking import PlanQuery
+    def recommend_many(self, queries: Sequence[RecommendationQuery]) -> list[dict[str, Any]]:
+        """`Selection.recommend_many` for the batch (queries of one mode at a time)."""
+        from models.plans import PlanQuery
 
-        api = self._api()
         with self._lock:  # one prediction at a time: LightGBM parallelises inside a call
-            predictor, meta, source = self._loaded(api)
-            results = api.recommend_loaded_many(
-                [PlanQuery(q.models, q.base) for q in queries],
-                predictor,
-                meta,
-                source,
-                home=self.home,
-                top=[q.top for q in queries],
-                tasks=[q.task for q in queries],
-            )
-        return [list(result["plans"]) for result in results]
+            selection = self._selection()
+            out: list[dict[str, Any] | None] = [None] * len(queries)
+            for mode in dict.fromkeys(q.mode for q in queries):
+                index = [i for i, q in enumerate(queries) if q.mode == mode]
+                results = selection.recommend_many(
+                    [
+                        PlanQuery(queries[i].models, queries[i].base, None, queries[i].cross_family)
+                        for i in index
+                    ],
+                    [queries[i].top for i in index],
+                    mode,
+                )
+                for i, result in zip(index, results, strict=True):
+                    out[i] = result
+        return [r for r in out if r is not None]
 
-    def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
+    def check_feedback(self, plan: dict[str, Any], score: float) -> None:
         with self._lock:
-            self._api().bandit_update(plan, task, score, home=self.home, pair_features=self.pair_features)
-
-    def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
-        with self._lock:
-            self._api().bandit_add_arm(family, parameters, home=self.home, pair_features=self.pair_features)
+            self._selection().check_feedback(plan, score)
 
 
 class ModelsRunners:
@@ -187,37 +178,47 @@ class ModelsRunners:
     def score_catalog(
         self, catalog: Catalog, settings: Any, request: dict[str, Any], out_dir: Path, progress: Progress
     ) -> dict:
-        """Score with models.api, then store rows best first as JSON Lines for paging."""
+        """Score through the plan table (`models.api.score_catalog`), then store rows best first as
+        JSON Lines for paging."""
         import json
 
-        api = ModelsSelector._api()
-        summary = api.score_catalog(
-            home=settings.home_dir,
-            out_dir=out_dir / "models",
-            progress=progress,
-            models=request.get("models"),
-            pair_features=settings.pair_features,
-        )
         import pandas as pd
 
+        from service.store import Store
+
+        api = ModelsSelector._api()
+        entries = catalog.list()
+        names = request.get("models") or [e.name for e in entries if e.base]
+        paths = {e.name: e.path for e in entries}
+        source = api.home_source(settings.home_dir, settings.pair_features, paths=paths)
+        store = Store(settings.db_url)
+        try:
+            selection = api.load_selection(settings.home_dir, source, arms=store)
+            summary = api.score_catalog(
+                selection,
+                names,
+                bases={e.name: e.base for e in entries},
+                methods=request.get("methods"),
+                out=out_dir / "models" / "scores.parquet",
+                plot=out_dir / "heatmap.png",
+                progress=progress,
+            )
+        finally:
+            store.dispose()
         table = pd.read_parquet(summary["table"]).sort_values(
             "predicted_score", ascending=False, kind="stable"
         )
-        columns = ["model_a", "model_b", "method", "parameters", "predicted_score", "uncertainty"]
         with (out_dir / "scores.jsonl").open("w") as out:
-            for row in table[columns].to_dict("records"):
-                params = row["parameters"]
-                row["parameters"] = json.loads(params) if isinstance(params, str) and params else {}
+            for row in table.to_dict("records"):
                 row.update(
                     model_a=str(row["model_a"]),
                     model_b=str(row["model_b"]),
                     method=str(row["method"]),
+                    parameters=json.loads(str(row["parameters"])),
                     predicted_score=float(row["predicted_score"]),
                     uncertainty=float(row["uncertainty"]),
                 )
                 out.write(json.dumps(row) + "\n")
-        if summary.get("plot"):
-            Path(summary["plot"]).rename(out_dir / "heatmap.png")
         return {"checkpoints": summary.get("checkpoints"), "best": summary.get("best", [])[:3]}
 
     def compute_features(

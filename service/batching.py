@@ -19,7 +19,7 @@ from typing import Any
 from service.adapters import RecommendationQuery, Selector
 from simmerge.errors import NotFoundError
 
-Waiting = tuple[RecommendationQuery, "asyncio.Future[list[dict[str, Any]]]"]
+Waiting = tuple[RecommendationQuery, "asyncio.Future[dict[str, Any]]"]
 
 
 class RecommendationBatcher:
@@ -43,11 +43,12 @@ class RecommendationBatcher:
         self._scheduled = False
         self._busy = False  # the last flush answered more than one request
 
-    async def recommend(self, query: RecommendationQuery) -> list[dict[str, Any]]:
-        """The query's ranked plans, computed with whatever else is queued on this turn of the loop;
-        its `base` is filled in from the catalog (NotFoundError for a checkpoint not there)."""
+    async def recommend(self, query: RecommendationQuery) -> dict[str, Any]:
+        """The query's ranked plans (`{"plans", "ranked_by"}`), computed with whatever else is queued on
+        this turn of the loop; its `base` is filled in from the catalog (NotFoundError for a checkpoint
+        not there)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[dict[str, Any]]] = loop.create_future()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         self._waiting.append((query, future))
         if not self._scheduled:
             self._scheduled = True
@@ -91,6 +92,8 @@ class RecommendationBatcher:
         """The batch's queries with their common base, after failing those naming unknown checkpoints."""
         if not batch:
             return batch
+        from models.plans import is_cross_family
+
         bases = self.bases({name for query, _ in batch for name in query.models})
         known = []
         for query, future in batch:
@@ -98,8 +101,10 @@ class RecommendationBatcher:
             if missing is not None:
                 _settle(future, exception=NotFoundError(f"{missing!r} is not a checkpoint in the catalog"))
                 continue
-            shared = {bases[name] for name in query.models}
-            known.append((replace(query, base=shared.pop() if len(shared) == 1 else None), future))
+            members = [bases[name] for name in query.models]
+            shared = set(members)
+            base = shared.pop() if len(shared) == 1 else None
+            known.append((replace(query, base=base, cross_family=is_cross_family(members)), future))
         return known
 
     def _answer_alone(self, query: RecommendationQuery, future: asyncio.Future[Any]) -> None:

@@ -11,22 +11,15 @@ import pytest
 import torch
 
 from models.baselines import BestFixedSelector, LassoSelector, RandomSelector
-from models.dataset import build_dataset, load_labels
-from models.descriptors import (
-    DEFAULT_SETTINGS,
-    OperatorSetting,
-    descriptor_names,
-    fold_weights,
-    operator_descriptor,
-)
+from models.dataset import build_dataset, label_candidate, load_labels
 from models.evaluate import held_out_catalog, held_out_pairs, leave_one_task_out, markdown_table
 from models.metrics import evaluate_selection, ndcg_at_k
-from models.plan_ranking import PlanQuery
-from models.plan_search import Candidate, CandidateFeaturizer, search_plans
+from models.plans import DEFAULT_SETTINGS, Candidate, OperatorSetting, PlanQuery, fold_weights, search
 from models.predictor import LightGBMSelector, load_selector
-from models.recommend import recommend_many, recommend_plans
-from models.score_catalog import best_per_pair, plot_best_merges, score_pairs, write_table
+from models.score_catalog import best_per_pair, plot_best_merges, write_table
+from models.selection import Selection
 from models.synthetic import SyntheticCatalog, make_catalog, make_labels
+from models.table import PlanTable, aggregate_pair_rows, descriptor_names, pair_feature_names
 from simmerge.errors import PlanError, SimMergeError
 from simmerge.plan import Plan
 
@@ -47,19 +40,23 @@ def predictor(data) -> LightGBMSelector:
 
 
 # -- descriptors and dataset --------------------------------------------------------------------------
-def test_descriptor_fills_defaults_and_separates_families():
-    names = descriptor_names()
-    ties = dict(zip(names, operator_descriptor("ties", {"density": 0.3}), strict=True))
-    linear = dict(zip(names, operator_descriptor("linear", {}), strict=True))
+def _describe(method: str, params: dict, catalog, columns=None) -> dict[str, float]:
+    table = PlanTable(catalog, columns)
+    candidate = Candidate(tuple(catalog.names[:2]), (OperatorSetting(method, params),))
+    return dict(zip(table.columns, table.descriptor(candidate), strict=False))
+
+
+def test_descriptor_fills_defaults_and_separates_families(catalog):
+    ties = _describe("ties", {"density": 0.3}, catalog)
+    linear = _describe("linear", {}, catalog)
     assert ties["op:family=ties"] == 1 and ties["op:sign_election"] == 1 and ties["op:param=density"] == 0.3
     assert ties["op:param=lambda"] == 1.0  # omitted parameter gets its default
     assert linear["op:family=linear"] == 1 and linear["op:uses_base"] == 0
-    assert operator_descriptor("della", {})[names.index("op:family=other")] == 1
 
 
-def test_descriptor_rejects_non_numeric_parameter():
+def test_descriptor_rejects_non_numeric_parameter(catalog):
     with pytest.raises(PlanError, match="density"):
-        operator_descriptor("ties", {"density": "half"})
+        _describe("ties", {"density": "half"}, catalog)
 
 
 def test_fold_weights_give_last_model_half():
@@ -256,12 +253,78 @@ def test_held_out_catalog_requires_same_columns(data):
         held_out_catalog(data, other)
 
 
-# -- plan search, recommendation, catalog scoring ----------------------------------------------------
-def test_plan_search_covers_subsets_orders_and_kway(catalog, predictor):
+# -- the plan table, plan search, recommendation, catalog scoring ------------------------------------
+def _selection(predictor, source, data, settings=DEFAULT_SETTINGS, feedback=None, arms=None) -> Selection:
+    columns = [c for c in data.feature_names if c.startswith("op:")] + pair_feature_names(source.feature_names)
+    meta = {"input_feature_names": columns, "settings": [s.to_dict() for s in settings]}
+    return Selection(predictor, meta, source, feedback, arms)
+
+
+def _reference_row(candidate: Candidate, source, columns: list[str]) -> np.ndarray:
+    """A plan's row written out plainly, column by column (pins `PlanTable.rows`)."""
+    from simmerge.operators import get_operator
+
+    def step_value(setting: OperatorSetting, column: str, flip: bool) -> float:
+        op = get_operator(setting.method)
+        name = column[3:]
+        if name.startswith("family="):
+            families = [c[len("op:family=") :] for c in columns if c.startswith("op:family=")]
+            family = name[len("family=") :]
+            return float(family == setting.method or (family == "other" and setting.method not in families))
+        if name.startswith("param="):
+            param = name[len("param=") :]
+            defaults = {p.name: p.default for p in (*op.method_params, *op.model_params) if not p.required}
+            fallback = {"weight": 1, "density": 1, "lambda": 1, "t": 0.5}.get(param, 0.0)
+            value = float(setting.params.get(param, defaults.get(param, fallback)))
+            return round(1 - value, 9) if flip and param == "t" else value
+        return float(op.traits()[name])
+
+    n, models = len(candidate.settings), candidate.models
+    flip = n == 1 and len(models) == 2 and models[0] > models[1] and candidate.settings[0].method == "slerp"
+    row = []
+    for column in columns:
+        if column.startswith("op:kind="):
+            row.append(float(column == f"op:kind={candidate.kind}"))
+        elif column == "op:n_models":
+            row.append(float(len(models)))
+        elif column == "op:n_steps":
+            row.append(float(n))
+        elif column.startswith("op:"):
+            values = [step_value(s, column, flip) for s in candidate.settings]
+            row.append(float(np.average(values, weights=2.0 ** np.arange(n))))
+    unique = sorted(set(models))
+    pairs = [(a, b) for i, a in enumerate(unique) for b in unique[i + 1 :]] or [(unique[0], unique[0])]
+    rows = np.asarray(source.pair_features(pairs))
+    weights = None
+    if candidate.kind == "fold":
+        share = dict(zip(models, fold_weights(len(models)), strict=True))
+        weights = [share[a] * share[b] for a, b in pairs]
+    pair_part = np.concatenate([np.average(rows, axis=0, weights=weights), rows.min(0), rows.max(0)])
+    return np.concatenate([row, pair_part])
+
+
+def test_plan_table_rows_equal_the_plain_reference(catalog, data):
+    names = catalog.names
+    settings = list(DEFAULT_SETTINGS)
+    candidates = [Candidate((names[1], names[0]), (s,)) for s in settings]  # reversed: slerp flips
+    candidates += [Candidate(tuple(names[:4]), (s,)) for s in settings if s.takes(4)]
+    candidates += [
+        Candidate(tuple(names[2:5]), (settings[i], settings[j])) for i, j in ((0, 4), (4, 1), (8, 2))
+    ]
+    candidates += [Candidate((names[3], names[3]), (settings[4],))]  # a checkpoint with itself
+    table = PlanTable(catalog, data.feature_names)
+    rows = table.rows(candidates)
+    for candidate, row in zip(candidates, rows, strict=True):
+        assert np.allclose(
+            row, _reference_row(candidate, catalog, data.feature_names), rtol=1e-12, atol=1e-12
+        )
+
+
+def test_plan_search_covers_subsets_orders_and_kway(catalog, predictor, data):
     models = catalog.names[:4]
-    scored = search_plans(
-        models, predictor, CandidateFeaturizer(catalog), base="base", max_models=3, beam_width=3
-    )
+    table = PlanTable(catalog, data.feature_names)
+    score = lambda cands: table.score(predictor, cands)  # noqa: E731
+    scored = search([PlanQuery(tuple(models), "base", 3)], score, DEFAULT_SETTINGS, beam_width=3)[0]
     kinds = {s.candidate.kind for s in scored}
     assert kinds == {"pair", "fold", "kway"}
     assert max(len(s.candidate.models) for s in scored) == 3
@@ -271,92 +334,73 @@ def test_plan_search_covers_subsets_orders_and_kway(catalog, predictor):
     # the order of a fold changes its features (the last model holds half of the result)
     first = folds[0].candidate
     swapped = Candidate((first.models[2], first.models[1], first.models[0]), first.settings)
-    rows = CandidateFeaturizer(catalog).rows([first, swapped])
+    rows = table.rows([first, swapped])
     assert not np.array_equal(rows[0], rows[1])
     with pytest.raises(PlanError, match="at least two"):
-        search_plans(models[:1], predictor, CandidateFeaturizer(catalog))
+        search([PlanQuery(tuple(models[:1]))], score, DEFAULT_SETTINGS)
 
 
-def test_plan_search_without_base_uses_base_free_operators(catalog, predictor):
-    scored = search_plans(catalog.names[:3], predictor, CandidateFeaturizer(catalog), base=None)
-    assert {s.method for c in scored for s in c.candidate.settings} <= {"linear", "slerp"}
+def test_plan_search_without_base_uses_base_free_operators(catalog, predictor, data):
+    table = PlanTable(catalog, data.feature_names)
+    scored = search(
+        [PlanQuery(tuple(catalog.names[:3]))], lambda c: table.score(predictor, c), DEFAULT_SETTINGS
+    )
+    assert {s.method for c in scored[0] for s in c.candidate.settings} <= {"linear", "slerp"}
 
 
 def test_recommendations_for_identical_checkpoints_rank_identity_preserving_merges_top(predictor, data):
-    twin = make_catalog(n_tasks=1, per_task=1, seed=11)
+    twin = make_catalog(n_tasks=2, per_task=2, seed=11)
     name = twin.names[0]
     twin.names.append(f"{name}-copy")
     twin.vectors[f"{name}-copy"] = twin.vectors[name].copy()
-    out = recommend_plans(twin.names, predictor, twin, data.feature_names, top=3, base="base")
+    selection = _selection(predictor, _IdentityColumns(twin), data)
+    out = selection.recommend_many([PlanQuery((name, f"{name}-copy"), "base")], [3])[0]
     top = out["plans"][0]
-    assert top["steps"][0]["method"] in {"linear", "slerp"}  # averaging an expert with itself returns it
-    assert top["rank"] == 1 and len(top["drivers"]) == 3
+    assert top["steps"][0]["method"] in {"linear", "slerp", "task_arithmetic"}  # these return the copy
+    assert top["rank"] == 1 and len(top["drivers"]) == 3 and out["ranked_by"] == "regressor"
     plan = Plan.from_yaml(top["mergekit_yaml"])
-    assert set(plan.experts()) | set(plan.checkpoints()) >= set(twin.names)
+    assert {name, f"{name}-copy"} <= set(plan.checkpoints())
+    with pytest.raises(SimMergeError, match="top=0"):
+        selection.recommend_many([PlanQuery((name, f"{name}-copy"), "base")], [0])
 
 
 def test_recommend_returns_runnable_yaml_for_folds(catalog, predictor, data):
-    out = recommend_plans(catalog.names[:3], predictor, catalog, data.feature_names, top=40, base="base")
-    fold = next(p for p in out["plans"] if p["kind"] == "fold")
+    out = _selection(predictor, catalog, data).recommend_many(
+        [PlanQuery(tuple(catalog.names[:3]), "base")], [40]
+    )
+    plans = out[0]["plans"]
+    fold = next(p for p in plans if p["kind"] == "fold")
     plan = Plan.from_yaml(fold["mergekit_yaml"])
     assert len(plan.steps) == 2 and plan.steps[1].models[0].model == "step1"
-    assert [p["rank"] for p in out["plans"]] == list(range(1, len(out["plans"]) + 1))
+    assert [p["rank"] for p in plans] == list(range(1, len(plans) + 1))
 
 
-def _returns_its_input(candidate):
-    from models.descriptors import preserves_identity
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_one_plan_one_prediction_from_table_recommend_and_score_catalog(catalog, predictor, data, order):
+    """Whatever order the checkpoints come in, a plan of every kind gets the plan table's prediction from
+    `recommend` and (for pairs) from `score-catalog`."""
+    names = catalog.names[:4]
+    shuffled = [names[i] for i in np.random.default_rng(order).permutation(len(names))]
+    selection = _selection(predictor, catalog, data)
+    plans = selection.recommend_many([PlanQuery(tuple(shuffled), "base")], [500])[0]["plans"]
+    assert {p["kind"] for p in plans} == {"pair", "fold", "kway"}
+    table = PlanTable(catalog, data.feature_names)
+    from models.selection import feedback_candidate
 
-    inputs = [len(candidate.models)] if len(candidate.settings) == 1 else [2] * len(candidate.settings)
-    return all(preserves_identity(s, n) for s, n in zip(candidate.settings, inputs, strict=True))
-
-
-def _reference_plans(models, predictor, source, names, *, top, base, max_models=None, identity_first=False):
-    """The recommendation computed the slow, plain way: per-candidate rows, SHAP on LightGBM's
-    defaults, PyYAML's Python emitter. The fast path must give exactly this."""
-    scored = search_plans(models, predictor, CandidateFeaturizer(source), base=base, max_models=max_models)
-    if identity_first:  # copies of one checkpoint: plans that return their input first, stably
-        scored = sorted(scored, key=lambda s: not _returns_its_input(s.candidate))
-    scored = scored[:top]
-    rows = np.stack([s.row for s in scored])
-    contrib = predictor.boosters["mean"].predict(rows, pred_contrib=True)[:, :-1]
-    out = []
-    for s, row, values in zip(scored, rows, contrib, strict=True):
-        order = np.argsort(-np.abs(values), kind="stable")[:3]
-        plan = s.candidate.to_plan(base)
-        out.append(
-            {
-                "models": list(s.candidate.models),
-                "steps": s.candidate.steps(),
-                "predicted_score": s.predicted,
-                "uncertainty": s.uncertainty,
-                "mergekit_yaml": plan.to_yaml(),
-                "plan": plan.to_dict(),
-                "drivers": [
-                    {"feature": names[i], "value": float(row[i]), "contribution": float(values[i])}
-                    for i in order
-                ],
-            }
-        )
-    return out
-
-
-@pytest.mark.parametrize(
-    ("n_models", "base", "max_models"), [(2, "base", None), (4, "base", 3), (3, None, None)]
-)
-def test_recommend_fast_path_gives_exactly_the_plain_answer(
-    catalog, predictor, data, n_models, base, max_models
-):
-    models = list(reversed(catalog.names[:n_models]))  # reversed names: slerp orientation is exercised
-    for _ in range(2):  # second call: memoised descriptors and settings keys must not change anything
-        out = recommend_plans(
-            models, predictor, catalog, data.feature_names, top=25, base=base, max_models=max_models
-        )
-        expected = _reference_plans(
-            models, predictor, catalog, data.feature_names, top=25, base=base, max_models=max_models
-        )
-        got = [{k: p[k] for k in expected[0]} for p in out["plans"]]
-        assert got == expected
-        assert {p["kind"] for p in out["plans"]} >= ({"pair"} if n_models == 2 else {"pair", "fold"})
+    direct = table.score(predictor, [feedback_candidate(p) for p in plans])[1]
+    assert np.array_equal(direct, [p["predicted_score"] for p in plans])
+    scores = selection.score_pairs(list(reversed(shuffled)))
+    for p in (p for p in plans if p["kind"] == "pair"):
+        step = p["steps"][0]
+        row = scores[
+            (scores["model_a"] == min(p["models"]))
+            & (scores["model_b"] == max(p["models"]))
+            & (scores["method"] == step["method"])
+            & (scores["parameters"] == json.dumps(step["parameters"], sort_keys=True))
+        ]
+        if step["method"] == "slerp" and p["models"][0] > p["models"][1]:
+            continue  # slerp from the later name is another plan than score-catalog's (from the earlier)
+        assert row["predicted_score"].tolist() == [p["predicted_score"]]
 
 
 class _IdentityColumns:
@@ -371,93 +415,73 @@ class _IdentityColumns:
         return np.column_stack([rows[:, 1], rows[:, 3], rows[:, 2:]])  # distance, |norm difference|
 
 
-def test_recommend_many_gives_each_query_its_plain_answer(predictor, data):
-    twin = make_catalog(n_tasks=2, per_task=2, seed=11)
-    name = twin.names[0]
-    twin.names.append(f"{name}-copy")
-    twin.vectors[f"{name}-copy"] = twin.vectors[name].copy()
-    source = _IdentityColumns(twin)
-    queries = [
-        PlanQuery((name, f"{name}-copy"), "base"),
-        PlanQuery(tuple(twin.names[:3]), "base"),
-        PlanQuery(tuple(twin.names[1:4]), None),
-    ]
-    out = recommend_many(queries, predictor, source, data.feature_names, top=[6, 9, 4])
-    for query, k, result, identical in zip(queries, (6, 9, 4), out, (True, False, False), strict=True):
-        expected = _reference_plans(
-            list(query.models),
-            predictor,
-            source,
-            data.feature_names,
-            top=k,
-            base=query.base,
-            identity_first=identical,
-        )
-        assert [{key: p[key] for key in expected[0]} for p in result["plans"]] == expected
-    assert out[0]["plans"][0]["steps"][0]["method"] in {"linear", "slerp", "task_arithmetic"}
-    with pytest.raises(SimMergeError, match="top=0"):
-        recommend_many(queries[:1], predictor, source, data.feature_names, top=[0])
+def test_an_operator_registered_in_one_place_is_described_and_recommended(
+    catalog, predictor, data, monkeypatch
+):
+    """A new family: one class and one registry entry; the table describes it by its traits (as
+    `other`), and recommendations offer it at its defaults."""
+    from simmerge import operators
+    from simmerge.operators.base import MergeOperator, Param
 
+    class Midpoint(MergeOperator):
+        name = "midpoint_test"
+        method_params = (Param("lambda", float, 0.7),)
+        model_params = (Param("weight", float),)
+        needs_base = True
+        magnitude_trim = True
 
-def test_rank_plans_batch_equals_search_plans_per_query(catalog, predictor):
-    """The array search, many queries in one batch, gives each query exactly `search_plans`' candidates:
-    the same plans, rows, predictions and order (3- and 4-step folds, k-way, no base, duplicates)."""
-    from models.plan_ranking import SettingTable, pair_rows_for, rank_plans
-
-    names = catalog.names
-    queries = [
-        PlanQuery(tuple(names[:2]), "base"),
-        PlanQuery(tuple(reversed(names[:3])), "base"),
-        PlanQuery(tuple(names[2:7]), "base", 4),
-        PlanQuery(tuple(names[1:5]), None),
-        PlanQuery((names[4], names[4], names[0], names[3]), "base", 3),
-        PlanQuery(tuple(names[:6]), "base"),  # folds of six: 15 member pairs per aggregate
-    ]
-    table = SettingTable(DEFAULT_SETTINGS)
-    ranked = rank_plans(
-        queries, predictor, pair_rows_for(catalog, queries), table, top=[1000] * len(queries), beam_width=3
+    monkeypatch.setitem(operators._NATIVE, "midpoint_test", Midpoint())
+    assert "op:family=midpoint_test" in descriptor_names()  # a predictor trained now gets its column
+    described = _describe("midpoint_test", {}, catalog, data.feature_names)  # one trained before: other
+    assert described["op:family=other"] == 1 and described["op:magnitude_trim"] == 1
+    assert described["op:param=lambda"] == 0.7 and described["op:uses_base"] == 1
+    out = _selection(predictor, catalog, data).recommend_many(
+        [PlanQuery(tuple(catalog.names[:2]), "base")], [500]
     )
-    for query, got in zip(queries, ranked, strict=True):
-        expected = search_plans(
-            query.models,
-            predictor,
-            CandidateFeaturizer(catalog),
-            base=query.base,
-            max_models=query.max_models,
-            beam_width=3,
-        )
-        assert [s.candidate for s in got] == [s.candidate for s in expected]
-        assert [(s.predicted, s.uncertainty) for s in got] == [(s.predicted, s.uncertainty) for s in expected]
-        assert np.array_equal(np.stack([s.row for s in got]), np.stack([s.row for s in expected]))
-    assert max(len(s.candidate.settings) for s in ranked[2]) == 3  # 4-member folds were searched
-    with pytest.raises(PlanError, match="at least two"):
-        rank_plans([PlanQuery((names[0], names[0]))], predictor, pair_rows_for(catalog, []), table, top=[3])
+    offered = {p["steps"][-1]["method"] for p in out[0]["plans"]}
+    assert "midpoint_test" in offered
+    assert "midpoint_test" in set(
+        _selection(predictor, catalog, data).score_pairs(catalog.names[:3])["method"]
+    )
 
 
-def test_descriptor_rows_are_numpys_weighted_average_of_the_steps():
-    """Descriptors (made by `descriptor_rows` for one plan or many) equal np.average of the step vectors
-    weighted 2^i, then the kind and the counts, bit for bit; one at a time and batched alike."""
-    from models.descriptors import KINDS, descriptor_rows, fold_descriptor, step_vectors
+class _Feedback:
+    def __init__(self) -> None:
+        self.rows: list = []
 
-    settings = list(DEFAULT_SETTINGS)
-    plain, flipped = step_vectors(settings), step_vectors(settings, flipped=True)
-    for n_steps, n_models, kind in ((1, 2, "pair"), (1, 4, "kway"), (2, 3, "fold"), (3, 4, "fold")):
-        picks = np.random.default_rng(n_steps).integers(0, len(settings), size=(12, n_steps))
-        for models, vectors in ((("a", "b", "c", "d"), plain), (("b", "a"), flipped)):
-            if n_steps > 1 and vectors is flipped:
-                continue
-            rows = descriptor_rows(vectors[picks], n_models)
-            for row, pick in zip(rows, picks, strict=True):
-                body = np.average(vectors[pick], axis=0, weights=2.0 ** np.arange(n_steps))
-                tail = [1.0 if kind == k else 0.0 for k in KINDS] + [float(n_models), float(n_steps)]
-                assert np.array_equal(row, np.concatenate([body, tail]))
-                chosen = [settings[i] for i in pick]
-                assert np.array_equal(row, fold_descriptor(chosen, n_models, models[:n_models]))
+    def feedback_since(self, after_id):
+        return [r for r in self.rows if r.id > after_id]
+
+
+def test_feedback_that_makes_plan_two_better_puts_it_first(catalog, predictor, data):
+    from models.ports import FeedbackRecord
+
+    log = _Feedback()
+    selection = _selection(predictor, catalog, data, feedback=log)
+    query = [PlanQuery(tuple(catalog.names[:3]), "base")]
+    first = selection.recommend_many(query, [3])[0]
+    one, two = first["plans"][0], first["plans"][1]
+    for i in range(4):
+        log.rows.append(FeedbackRecord(2 * i + 1, one["plan"], "t", one["predicted_score"] - 0.3))
+        log.rows.append(FeedbackRecord(2 * i + 2, two["plan"], "t", two["predicted_score"] + 0.3))
+    after = selection.recommend_many(query, [3])[0]
+    assert after["ranked_by"] == "bandit (exploit)"
+    assert after["plans"][0]["description"] == two["description"]
+    assert (
+        "bandit_score" in after["plans"][0] and after["plans"][0]["predicted_score"] == two["predicted_score"]
+    )
+    explore = selection.recommend_many(query, [3], mode="explore")[0]
+    assert explore["ranked_by"] == "bandit (explore)" and "bandit_width" in explore["plans"][0]
+    with pytest.raises(SimMergeError, match="mode"):
+        selection.recommend_many(query, [3], mode="greedy")
+
+
+def test_score_catalog_refuses_an_unknown_method(catalog, predictor, data):
+    with pytest.raises(PlanError, match="frob"):
+        _selection(predictor, catalog, data).score_pairs(catalog.names[:3], methods=["frob"])
 
 
 def test_aggregate_pair_rows_is_numpys_average_min_max():
-    from models.dataset import aggregate_pair_rows
-
     rng = np.random.default_rng(0)
     for n_pairs in (1, 2, 3, 7, 8, 9, 21, 33):
         rows = rng.normal(size=(n_pairs, 5)) * 10.0 ** rng.integers(-8, 8, size=(n_pairs, 1))
@@ -467,9 +491,11 @@ def test_aggregate_pair_rows_is_numpys_average_min_max():
             assert np.array_equal(aggregate_pair_rows(rows, w), expected)
 
 
-def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
+def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor, data):
     settings = [OperatorSetting("linear"), OperatorSetting("ties", {"density": 0.5})]
-    table = score_pairs(catalog.names, predictor, catalog, settings)
+    meta = {"input_feature_names": list(data.feature_names), "settings": [s.to_dict() for s in settings]}
+    selection = Selection(predictor, meta, catalog)
+    table = selection.score_pairs(catalog.names, methods=["linear", "ties"])
     n = len(catalog.names)
     assert len(table) == n * (n - 1) // 2 * len(settings)
     assert list(table.columns) == [
@@ -482,9 +508,8 @@ def test_score_catalog_rows_columns_and_plot(tmp_path, catalog, predictor):
     ]
     assert json.loads(table["parameters"].iloc[-1]) == {"density": 0.5}
     # the same row, predicted directly, agrees with the vectorised table
-    featurizer = CandidateFeaturizer(catalog)
     a, b = str(table["model_a"].iloc[-1]), str(table["model_b"].iloc[-1])
-    direct = predictor.predict(featurizer.rows([Candidate((a, b), (settings[1],))]))[0][0]
+    direct = predictor.predict(selection.table.rows([Candidate((a, b), (settings[1],))]))[0][0]
     assert table["predicted_score"].iloc[-1] == pytest.approx(direct)
     assert len(best_per_pair(table)) == n * (n - 1) // 2
     write_table(table, tmp_path / "scores.parquet")
@@ -506,7 +531,8 @@ def test_recommended_plans_run_through_the_merge_engine(tmp_path, predictor, dat
     real = SyntheticCatalog(
         experts, {e: ["t"] for e in experts}, {e: rng.normal(size=LATENT_DIM) for e in experts}
     )
-    plans = recommend_plans(experts, predictor, real, data.feature_names, top=500, base=str(base))["plans"]
+    selection = Selection(predictor, {"input_feature_names": data.feature_names}, real)
+    plans = selection.recommend_many([PlanQuery(tuple(experts), str(base))], [500])[0]["plans"]
     chosen = {}
     for plan in plans:
         key = (plan["kind"], plan["steps"][-1]["method"])
@@ -517,14 +543,16 @@ def test_recommended_plans_run_through_the_merge_engine(tmp_path, predictor, dat
         assert merged and all(torch.isfinite(t).all() for t in merged.values())
 
 
-def test_slerp_spelled_from_either_end_has_one_description():
-    from models.dataset import row_descriptor
+def test_slerp_spelled_from_either_end_has_one_description(catalog):
+    table = PlanTable(catalog)
 
-    forward = {"method": "slerp", "params_json": '{"t": 0.3}', "models": ["a", "b"], "kind": "pair"}
-    backward = {"method": "slerp", "params_json": '{"t": 0.7}', "models": ["b", "a"], "kind": "pair"}
-    other = {"method": "slerp", "params_json": '{"t": 0.3}', "models": ["b", "a"], "kind": "pair"}
-    assert np.array_equal(row_descriptor(forward, 2), row_descriptor(backward, 2))
-    assert not np.array_equal(row_descriptor(forward, 2), row_descriptor(other, 2))
+    def row(params, models):
+        record = {"method": "slerp", "params_json": json.dumps(params), "models": models, "kind": "pair"}
+        return table.rows([label_candidate(record, models)])[0]
+
+    a, b = catalog.names[:2]
+    assert np.array_equal(row({"t": 0.3}, [a, b]), row({"t": 0.7}, [b, a]))
+    assert not np.array_equal(row({"t": 0.3}, [a, b]), row({"t": 0.3}, [b, a]))
 
 
 def test_missing_features_are_tolerated_by_every_selector(data):
@@ -556,7 +584,6 @@ def expert_and_base(tmp_path_factory):
 )
 def test_preserves_identity_is_what_the_engine_does_with_two_copies(expert_and_base, setting):
     """The analytic rule recommendations use for identical inputs, checked by merging a checkpoint with itself."""
-    from models.descriptors import preserves_identity
     from simmerge.checkpoint import Checkpoint
     from simmerge.engine import merge_state_dict
 
@@ -566,4 +593,4 @@ def test_preserves_identity_is_what_the_engine_does_with_two_copies(expert_and_b
     merged = merge_state_dict(plan, resolve=lambda name: str(paths[name]))
     original = Checkpoint.open(expert)
     largest = max(float((t - original.read(n).float()).abs().max()) for n, t in merged.items())
-    assert (largest < 1e-6) == preserves_identity(setting, 2), largest
+    assert (largest < 1e-6) == setting.preserves_identity(2), largest

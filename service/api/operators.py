@@ -6,8 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from service.adapters import Selector
-from service.api.deps import get_selector, get_store
+from service.api.deps import get_store
 from service.api.schemas import ArmIn, ArmOut, OperatorOut
 from service.auth import require_scope
 from service.store import Store
@@ -39,14 +38,8 @@ def _arm_out(arm: Any) -> dict:
 
 
 def _operator_out(op: Any, arms: list[Any]) -> dict:
-    return {
-        "name": op.name,
-        "needs_base": bool(getattr(op, "needs_base", False)),
-        "min_models": getattr(op, "min_models", None),
-        "max_models": getattr(op, "max_models", None),
-        "elementwise": bool(getattr(op, "elementwise", True)),
-        "arms": [_arm_out(a) for a in arms if a.family == op.name],
-    }
+    """What the operator declares about itself (`MergeOperator.describe`), with its arms."""
+    return {**op.describe(), "arms": [_arm_out(a) for a in arms if a.family == op.name]}
 
 
 @router.get("", response_model=list[OperatorOut])
@@ -71,25 +64,21 @@ def add_operator_arm(
     family: str,
     body: ArmIn,
     store: Annotated[Store, Depends(get_store)],
-    selector: Annotated[Selector, Depends(get_selector)],
     _: Annotated[str, Depends(require_scope("write"))],
 ) -> dict:
-    """Validate the setting with the operator itself (filling defaults), then store it as a new arm."""
+    """Validate the setting with the operator itself (filling defaults), then store it as a new arm: a
+    candidate of every recommendation and catalog scoring from the next request on."""
     op = _family(family)
-    n_models = max(int(getattr(op, "min_models", 2) or 2), 2)
-    if getattr(op, "max_models", None):
-        n_models = min(n_models, int(op.max_models))
+    n_models = op.max_models if op.max_models is not None and op.max_models < 2 else max(op.min_models, 2)
     # an arm is a method-level setting; models get mergekit's customary weight 1 unless it sets one
-    model_names = {p.name for p in getattr(op, "model_params", ())}
+    model_names = {p.name for p in op.model_params}
     per_model = {"weight": 1.0} if "weight" in model_names and "weight" not in body.parameters else {}
     params, _model_params = op.validate(
-        dict(body.parameters), [dict(per_model) for _ in range(n_models)], n_models, bool(op.needs_base)
+        dict(body.parameters), [dict(per_model) for _ in range(n_models)], n_models, op.needs_base
     )
     # per-model values given at method level (a shared `weight`) are part of the setting too
     setting = {**params, **{k: v for k, v in body.parameters.items() if k not in params}}
-    arm = store.add_arm(family, setting, body.name)
-    selector.add_arm(family, setting)
-    return _arm_out(arm)
+    return _arm_out(store.add_arm(family, setting, body.name))
 
 
 @router.get("/{family}/arms", response_model=list[ArmOut])

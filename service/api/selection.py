@@ -17,7 +17,6 @@ from service.api.schemas import (
     RecommendedPlan,
 )
 from service.auth import require_scope
-from service.batching import RecommendationBatcher
 from service.store import Store
 from simmerge.catalog import Catalog
 from simmerge.errors import NotFoundError, SimMergeError
@@ -41,26 +40,23 @@ RECOMMENDATIONS = "/recommendations"
 async def recommend(
     body: RecommendationIn, request: Request, _: Annotated[str, Depends(require_scope("read"))]
 ) -> Response | dict:
-    """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint.
+    """Rank candidate plans over `models`; reads signatures from the cache and never loads a checkpoint
+    (a checkpoint without one is a 409 that names it and the features job that makes it).
 
-    Runs on the event loop, not the thread pool: the lookup and the selector are about a millisecond of
-    CPU once the predictor is loaded, a process runs one selector call at a time anyway, and thread
-    hand-offs cost more than they overlap. Requests that arrive together share one selector call
-    (`service.batching`). Well-formed requests usually reach `ranked_plans` through the plain-ASGI
-    `RecommendationFastPath` instead; this route documents the endpoint and answers everything else.
+    Ranked by the regressor, or by the bandit (`mode`: `exploit`, the posterior mean, by default;
+    `explore`, its upper confidence bound, for a search) once the store holds feedback; `ranked_by`
+    says which. Runs on the event loop, not the thread pool: the selector takes a few milliseconds, a
+    process runs one selector call at a time anyway, and requests that arrive together share one call
+    (`service.batching`).
     """
-    # app.state directly rather than through Depends: each dependency is resolved per request.
-    result = await ranked_plans(request.app.state.recommendations, body)
-    data = encoded(result)
-    return result if data is None else Response(data, media_type="application/json")
-
-
-async def ranked_plans(recommendations: RecommendationBatcher, body: RecommendationIn) -> dict[str, Any]:
-    """The response body: the plans with every key the response model has (its defaults filled in)."""
     if len(set(body.models)) != len(body.models):
         raise SimMergeError("'models' lists a checkpoint twice")
-    plans = await recommendations.recommend(RecommendationQuery(tuple(body.models), body.top, body.task))
-    return {"plans": [{**_PLAN_DEFAULTS, **plan} for plan in plans], "task": body.task}
+    query = RecommendationQuery(tuple(body.models), body.top, body.task, mode=body.mode)
+    result = await request.app.state.recommendations.recommend(query)
+    plans = [{**_PLAN_DEFAULTS, **plan} for plan in result["plans"]]
+    response = {"plans": plans, "task": body.task, "ranked_by": result["ranked_by"]}
+    data = encoded(response)
+    return Response(data, media_type="application/json") if data is not None else response
 
 
 def encoded(result: dict[str, Any]) -> bytes | None:
@@ -80,33 +76,23 @@ def feedback(
     selector: Annotated[Selector, Depends(get_selector)],
     _: Annotated[str, Depends(require_scope("write"))],
 ) -> dict:
-    """Record a measured score of a merge on a task and teach the bandit with it."""
+    """Record a measured score of a merge on a task: one row, which is also the bandit's update (every
+    server sharing the store learns it on its next recommendation)."""
     if (body.merge_id is None) == (body.checkpoint is None):
         raise SimMergeError("give exactly one of 'merge_id' and 'checkpoint'")
     if body.merge_id is not None:
         job = store.get_job(body.merge_id, "merge")
         checkpoint, plan = job.request["name"], job.request["plan"]
-        prior = job.request.get("predicted_score")
     else:
         entry = catalog.get(body.checkpoint or "")
         if not entry.plan:
             raise SimMergeError(f"checkpoint {entry.name!r} is not a merge (it has no plan)")
-        checkpoint, plan, prior = entry.name, entry.plan, None
+        checkpoint, plan = entry.name, entry.plan
     if all(t.name != body.task for t in catalog.tasks()):
         raise NotFoundError(f"no task named {body.task!r} in the catalog")
-    from simmerge.plan import Plan
-
-    plan_id = Plan.from_dict(plan).plan_id()
+    selector.check_feedback(plan, body.score)
     row = store.add_feedback(
-        checkpoint=checkpoint,
-        task=body.task,
-        score=body.score,
-        plan=plan,
-        plan_id=plan_id,
-        merge_job_id=body.merge_id,
-    )
-    selector.feedback(
-        {"plan": plan, **({"predicted_score": prior} if prior is not None else {})}, body.task, body.score
+        checkpoint=checkpoint, task=body.task, score=body.score, plan=plan, merge_job_id=body.merge_id
     )
     return {
         "id": row.id,

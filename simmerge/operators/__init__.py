@@ -7,7 +7,7 @@ API, and listed only when mergekit is importable.
 
 from __future__ import annotations
 
-from simmerge.operators.base import REQUIRED, MergeOperator, Param, UnknownOperatorError
+from simmerge.operators.base import REQUIRED, TRAITS, MergeOperator, Param, UnknownOperatorError
 from simmerge.operators.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from simmerge.operators.dare import DareLinear, DareTies
 from simmerge.operators.linear import Linear
@@ -17,6 +17,7 @@ from simmerge.operators.ties import Ties
 
 __all__ = [
     "REQUIRED",
+    "TRAITS",
     "MergeOperator",
     "Param",
     "UnknownOperatorError",
@@ -24,6 +25,7 @@ __all__ = [
     "list_operators",
     "native_operators",
     "register",
+    "registered_families",
 ]
 
 _NATIVE: dict[str, MergeOperator] = {}
@@ -66,6 +68,11 @@ def _delegated() -> dict[str, MergeOperator]:
                 continue
         _DELEGATED = found
     return _DELEGATED
+
+
+def registered_families() -> list[str]:
+    """Native family names in registration order (the order selection's descriptor columns list them)."""
+    return list(_NATIVE)
 
 
 def native_operators() -> list[MergeOperator]:

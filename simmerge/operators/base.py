@@ -125,6 +125,15 @@ class MergeOperator:
     max_models: int | None = None
     elementwise: bool = False
     random: bool = False
+    # Traits selection reads (models/table.py describes a plan with them, so a family the predictor never
+    # saw still lands near the families it resembles): sign election per coordinate, magnitude trimming,
+    # spherical interpolation. ``random`` above is the random drop.
+    sign_election: bool = False
+    magnitude_trim: bool = False
+    spherical: bool = False
+    # True where the step's first input plays the base (slerp between two experts in a recommended
+    # plan): such a step needs no catalog base.
+    interpolates_inputs: bool = False
 
     # -- validation -----------------------------------------------------------------------------
     def validate(
@@ -202,6 +211,27 @@ class MergeOperator:
     def check(self, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
         """Checks across parameters after defaults are filled; families override it."""
 
+    def preserves_identity(self, params: Mapping[str, Any], n_inputs: int) -> bool:
+        """Whether merging ``n_inputs`` copies of one checkpoint returns it unchanged; recommendations put
+        such merges first for copies. ``params`` are method-level with a shared ``weight``. Trimming,
+        dropping and rescaling families do not; the families that do say so."""
+        return False
+
+    @property
+    def uses_base(self) -> bool:
+        """The step reads a base (task vectors, or slerp's starting point)."""
+        return self.needs_base
+
+    def traits(self) -> dict[str, bool]:
+        """The behaviour flags selection describes an operator with, by name (see ``TRAITS``)."""
+        return {
+            "uses_base": self.uses_base,
+            "sign_election": self.sign_election,
+            "random_drop": self.random,
+            "magnitude_trim": self.magnitude_trim,
+            "spherical": self.spherical,
+        }
+
     # -- merging --------------------------------------------------------------------------------
     def merge(
         self,
@@ -228,6 +258,8 @@ class MergeOperator:
             "max_models": self.max_models,
             "elementwise": self.elementwise,
             "random": self.random,
+            "traits": self.traits(),
+            "interpolates_inputs": self.interpolates_inputs,
             "method_params": [p.describe() for p in self.method_params],
             "model_params": [p.describe() for p in self.model_params],
         }
@@ -235,6 +267,9 @@ class MergeOperator:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
 
+
+# The behaviour flags of ``MergeOperator.traits``, in the order selection's descriptors list them.
+TRAITS = ("uses_base", "sign_election", "random_drop", "magnitude_trim", "spherical")
 
 # Entries per slice where an operator works slice by slice (1 MiB of float32): scratch memory stays
 # bounded and cache-sized whatever the tensor's size.

@@ -16,6 +16,7 @@ class Breadcrumbs(TaskVectorMerge):
     description = "Model Breadcrumbs: drop outliers and small entries, then task arithmetic"
     method_params = common_method_params(normalize=False, rescale=False)
     model_params = (WEIGHT, DENSITY, GAMMA)
+    magnitude_trim = True
 
     def sparsifies(self, model_params):
         return model_params["density"] < 1
@@ -27,4 +28,4 @@ class Breadcrumbs(TaskVectorMerge):
 class BreadcrumbsTies(Breadcrumbs):
     name = "breadcrumbs_ties"
     description = "Model Breadcrumbs with TIES sign election"
-    consensus = True
+    sign_election = True

@@ -22,4 +22,4 @@ class DareLinear(TaskVectorMerge):
 class DareTies(DareLinear):
     name = "dare_ties"
     description = "DARE: random drop with rescale, then TIES sign election"
-    consensus = True
+    sign_election = True

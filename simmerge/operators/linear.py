@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,12 @@ class Linear(MergeOperator):
     model_params = (WEIGHT,)
     accepts_base = False
     elementwise = True
+
+    def preserves_identity(self, params, n_inputs):
+        """A normalised average of copies is the copy; an unnormalised sum only when the weights sum to 1."""
+        return bool(params.get("normalize", True)) or math.isclose(
+            float(params.get("weight", 1.0)) * n_inputs, 1.0
+        )
 
     def check(self, params: dict[str, Any], model_params: list[dict[str, Any]]) -> None:
         total = sum(mp["weight"] for mp in model_params)

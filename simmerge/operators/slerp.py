@@ -56,6 +56,12 @@ class Slerp(MergeOperator):
     needs_base = True
     min_models = 1
     max_models = 1
+    spherical = True
+    interpolates_inputs = True
+
+    def preserves_identity(self, params, n_inputs):
+        """Interpolating between two copies returns the copy, whatever ``t``."""
+        return True
 
     def merge(self, tensors, base, model_params, params, *, generator=None, tensor_name=""):
         check_shapes(tensors, base, tensor_name)

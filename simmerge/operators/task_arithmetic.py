@@ -7,6 +7,7 @@ elected per coordinate (TIES consensus) before summing.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ def agrees_with_elected_sign(weighted: torch.Tensor, elected_positive: torch.Ten
 
 
 class TaskVectorMerge(MergeOperator):
-    """Base of the task-vector families; subclasses set ``consensus`` and override ``sparsify``.
+    """Base of the task-vector families; subclasses set ``sign_election`` and override ``sparsify``.
 
     Sparsifiers act on the flattened task vector (top-k, sorting and the random draw are all in
     flat order). Everything after sparsification is per coordinate, so it runs in slices of
@@ -49,7 +50,7 @@ class TaskVectorMerge(MergeOperator):
     hold whole task vectors.
     """
 
-    consensus = False
+    sign_election = False
     needs_base = True
     model_params: tuple[Param, ...] = (WEIGHT, DENSITY)
 
@@ -101,10 +102,10 @@ class TaskVectorMerge(MergeOperator):
         self, weighted: list[torch.Tensor], weights: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """Combined weighted task vectors of one slice, and the divisor ``normalize`` uses."""
-        combined = weighted[0].clone() if self.consensus else weighted[0]
+        combined = weighted[0].clone() if self.sign_election else weighted[0]
         for value in weighted[1:]:
             combined = combined.add_(value)
-        if not self.consensus:
+        if not self.sign_election:
             total = float(torch.tensor(weights, dtype=torch.float32).sum())
             return combined, 1.0 if abs(total) < ZERO_DIVISOR else total
         elected_positive = combined >= 0  # a zero sum elects +
@@ -124,3 +125,11 @@ class TaskArithmetic(TaskVectorMerge):
     description = "base plus the weighted sum of task vectors"
     method_params = common_method_params(normalize=False, rescale=False)
     elementwise = True
+
+    def preserves_identity(self, params, n_inputs):
+        """base + λ·Σwᵢ·τ = base + τ exactly when λ × Σ weights is one (divided by Σ w with normalize)."""
+        if params.get("normalize", False):
+            return math.isclose(float(params.get("lambda", 1.0)), 1.0)
+        return math.isclose(
+            float(params.get("lambda", 1.0)) * float(params.get("weight", 1.0)) * n_inputs, 1.0
+        )

@@ -10,7 +10,8 @@ class Ties(TaskVectorMerge):
     name = "ties"
     description = "TIES: magnitude trim, sign election, mean of the agreeing entries"
     method_params = common_method_params(normalize=True, rescale=False)
-    consensus = True
+    sign_election = True
+    magnitude_trim = True
 
     def sparsifies(self, model_params):
         return model_params["density"] < 1
