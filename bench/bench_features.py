@@ -152,7 +152,8 @@ def functional_cost(base_dir: Path, size: str, args) -> dict[str, float]:
 
     vocab = SIZES[size][2]
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    model = model.to(args.device).eval()
     load = time.perf_counter() - started
     tokenizer = WordHashTokenizer(vocab)
     texts = probe_texts(args.probes, args.tokens)

@@ -195,9 +195,8 @@ def _check_config(config: dict, path: Path) -> None:
     archs = config.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise CheckpointError(f"{path}: 'architectures' must be a list of strings, not {archs!r}")
-    for key in ("model_type",):
-        if key in config and not isinstance(config[key], str):
-            raise CheckpointError(f"{path}: {key!r} must be a string, not {config[key]!r}")
+    if "model_type" in config and not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{path}: 'model_type' must be a string, not {config['model_type']!r}")
     if "text_config" in config and not isinstance(config["text_config"], dict):
         raise CheckpointError(f"{path}: 'text_config' must be an object")
 
@@ -232,7 +231,12 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         weight_files = cls._weight_files(root)
         for file in weight_files:
-            tensors.update(read_safetensors_header(file))
+            for name, info in read_safetensors_header(file).items():
+                if name in tensors:  # which copy is the weight would depend on shard order
+                    raise CheckpointError(
+                        f"{root}: tensor {name!r} is in both {tensors[name].file} and {file}"
+                    )
+                tensors[name] = info
         if not tensors:
             raise CheckpointError(f"{root}: the safetensors files hold no tensors")
         checkpoint = cls(root, config, tensors)

@@ -214,6 +214,11 @@ def test_malformed_headers_name_file_and_tensor(
                     (p / "model.safetensors.index.json").write_text('{"weight_map": ["x"]}')), "weight_map"),
         (lambda p: (raw_checkpoint(p, {"w": GOOD}, b"\0" * 16),
                     (p / "model.safetensors.index.json").write_text("[]")), "index.json: holds a JSON list"),
+        (lambda p: (raw_checkpoint(p, {"w": GOOD}, b"\0" * 16),
+                    write_safetensors(p / "b.safetensors", {"w": GOOD}, b"\0" * 16),
+                    (p / "model.safetensors.index.json").write_text(
+                        json.dumps({"weight_map": {"w": "model.safetensors", "v": "b.safetensors"}}))),
+         "'w' is in both"),
     ],
 )  # fmt: skip
 def test_malformed_files_name_the_file(tmp_path: Path, write: Callable[[Path], Any], needle: str) -> None:
