@@ -1,12 +1,16 @@
 """Bearer tokens with scopes, stored as sha256 digests only.
 
 Scopes nest: `admin` implies `write`, which implies `read`, so a token needs only its highest scope.
+Every request reads its token's row, never a copy: a token revoked in the database (by
+`DELETE /v1/tokens/{name}`, or left out of the configuration at start-up) fails at once in every
+process that shares it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -15,11 +19,12 @@ from fastapi import Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from service.settings import ServiceSettings
+from service.settings import TOKEN_SCOPES, ServiceSettings
 from service.store import Store
 from simmerge.errors import SimMergeError
 
-SCOPES = ("read", "write", "admin")
+log = logging.getLogger("simmerge.service")
+SCOPES = TOKEN_SCOPES
 # Declared so /docs offers "Authorize"; the header is checked by `authenticate` (401 in the envelope).
 _BEARER = HTTPBearer(auto_error=False, description="a token from SIMMERGE_TOKENS or POST /v1/tokens")
 _IMPLIES = {"admin": {"admin", "write", "read"}, "write": {"write", "read"}, "read": {"read"}}
@@ -54,15 +59,17 @@ def effective_scopes(scopes: str | list[str]) -> set[str]:
 
 
 def load_configured_tokens(settings: ServiceSettings, store: Store) -> None:
-    """Store the configured tokens' hashes; a clear token in the configuration is hashed here."""
-    for name, spec in settings.tokens.items():
-        digest = spec.sha256.lower() if spec.sha256 else hash_token(spec.token) if spec.token else None
-        if digest is None or len(digest) != 64:
-            raise SimMergeError(f"token {name!r}: give a 64-hex-digit 'sha256' or a 'token'")
-        unknown = [s for s in spec.scopes if s not in SCOPES]
-        if unknown:
-            raise SimMergeError(f"token {name!r}: unknown scope {unknown[0]!r} (known: {', '.join(SCOPES)})")
-        store.upsert_token(name, digest, spec.scopes)
+    """Make the stored configured tokens exactly the configuration's (hashed and checked by the
+    settings): one removed from it stops working now, not never. Tokens made through the API stay."""
+    configured = {name: (spec.sha256 or "", spec.scopes) for name, spec in settings.tokens.items()}
+    removed, still_revoked = store.reconcile_configured_tokens(configured)
+    if removed:
+        log.warning("tokens no longer configured, removed: %s", ", ".join(sorted(removed)))
+    if still_revoked:
+        log.warning(
+            "configured tokens that were revoked stay revoked (configure a new token): %s",
+            ", ".join(sorted(still_revoked)),
+        )
 
 
 def authenticate(request: Request, store: Store) -> tuple[str, set[str]]:

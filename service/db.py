@@ -107,6 +107,9 @@ class ApiToken(Base):
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[str] = mapped_column(String(200))
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    # "config" (SIMMERGE_TOKENS, reconciled at every start) or "api" (POST /v1/tokens).
+    source: Mapped[str] = mapped_column(String(16), default="config")
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, default=None)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

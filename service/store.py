@@ -263,23 +263,67 @@ class Store:
             return list(session.scalars(select(Feedback).order_by(Feedback.id)).all())
 
     # ---- tokens -----------------------------------------------------------------------------------
-    def upsert_token(self, name: str, sha256: str, scopes: Sequence[str]) -> None:
+    def reconcile_configured_tokens(
+        self, configured: dict[str, tuple[str, Sequence[str]]]
+    ) -> tuple[list[str], list[str]]:
+        """Make the configuration-made rows match `configured` ({name: (sha256, scopes)}) in one
+        transaction: rows no longer configured are deleted, the others written. A revoked row keeps
+        its revocation while its digest is unchanged (a restart must not revive a leaked token).
+        Returns (names removed, names still revoked)."""
+        removed: list[str] = []
+        still_revoked: list[str] = []
+        try:
+            with self.session() as session:
+                for row in session.scalars(select(ApiToken).where(ApiToken.source == "config")).all():
+                    if row.name not in configured:
+                        removed.append(row.name)
+                        session.delete(row)
+                session.flush()
+                for name, (sha256, scopes) in configured.items():
+                    if self._write_configured_token(session, name, sha256, scopes):
+                        still_revoked.append(name)
+        except IntegrityError as exc:
+            raise ConflictError("two tokens (configured or made through the API) share one digest") from exc
+        return removed, still_revoked
+
+    @staticmethod
+    def _write_configured_token(session: Session, name: str, sha256: str, scopes: Sequence[str]) -> bool:
+        """Insert or update one configured token; True when it stays revoked."""
         scope_text = ",".join(sorted(set(scopes)))
-        with self.session() as session:
-            row = session.scalars(select(ApiToken).where(ApiToken.name == name)).first()
-            if row is None:
-                session.add(ApiToken(name=name, sha256=sha256, scopes=scope_text, revoked=False))
-            else:
-                row.sha256, row.scopes, row.revoked = sha256, scope_text, False
+        row = session.scalars(select(ApiToken).where(ApiToken.name == name)).first()
+        if row is None:
+            session.add(ApiToken(name=name, sha256=sha256, scopes=scope_text, revoked=False, source="config"))
+            return False
+        keep_revoked = row.revoked and row.sha256 == sha256
+        row.sha256, row.scopes, row.source = sha256, scope_text, "config"
+        row.revoked = keep_revoked
+        row.revoked_at = row.revoked_at if keep_revoked else None
+        return keep_revoked
 
     def add_token(self, name: str, sha256: str, scopes: Sequence[str]) -> ApiToken:
-        row = ApiToken(name=name, sha256=sha256, scopes=",".join(sorted(set(scopes))), revoked=False)
+        row = ApiToken(
+            name=name, sha256=sha256, scopes=",".join(sorted(set(scopes))), revoked=False, source="api"
+        )
         try:
             with self.session() as session:
                 session.add(row)
         except IntegrityError as exc:
             raise ConflictError(f"a token named {name!r} already exists") from exc
         return row
+
+    def revoke_token(self, name: str) -> ApiToken:
+        """Revoke by name (idempotent); every process reads the row per request, so it holds at once."""
+        with self.session() as session:
+            row = session.scalars(select(ApiToken).where(ApiToken.name == name)).first()
+            if row is None:
+                raise NotFoundError(f"no token named {name!r}")
+            if not row.revoked:
+                row.revoked, row.revoked_at = True, utcnow()
+        return row
+
+    def list_tokens(self) -> list[ApiToken]:
+        with self.session() as session:
+            return list(session.scalars(select(ApiToken).order_by(ApiToken.name)).all())
 
     def token_by_hash(self, sha256: str) -> ApiToken | None:
         with self.session() as session:

@@ -22,19 +22,31 @@ from tests.test_service_support import auth, database, make_family, token_settin
 
 
 class FakeSelector:
-    """One plan per operator family, scored by a prior plus the mean feedback that family received."""
+    """One plan per operator family (the base ones and the store's arms), scored by a prior plus the
+    mean feedback that family received in the store, as the real selector reads both from the store."""
 
     def __init__(self) -> None:
-        self.rewards: dict[str, list[float]] = defaultdict(list)
-        self.families = ["linear", "task_arithmetic"]
+        self.store: Any = None  # the app's store, set once the app is built
+
+    @property
+    def families(self) -> list[str]:
+        arms = [family for family, _ in self.store.arm_settings()] if self.store is not None else []
+        return list(dict.fromkeys(["linear", "task_arithmetic", *arms]))
+
+    @property
+    def rewards(self) -> dict[str, list[float]]:
+        found: dict[str, list[float]] = defaultdict(list)
+        for record in self.store.feedback_since(0) if self.store is not None else []:
+            found[record.plan["steps"][-1]["merge_method"]].append(record.score)
+        return found
 
     def recommend(
         self, models: list[str], *, top: int, task: str | None, base: str | None = None
     ) -> list[dict[str, Any]]:
         scored = []
+        rewards = self.rewards
         for family in self.families:
-            rewards = self.rewards[family]
-            score = 0.5 + (sum(rewards) / len(rewards) if rewards else 0.0)
+            score = 0.5 + (sum(rewards[family]) / len(rewards[family]) if rewards[family] else 0.0)
             step = {"merge_method": family, "models": [{"model": m} for m in models]}
             scored.append((score, family, step))
         scored.sort(key=lambda item: -item[0])
@@ -51,14 +63,17 @@ class FakeSelector:
             for rank, (score, family, step) in enumerate(scored[:top], start=1)
         ]
 
-    def recommend_many(self, queries: list[RecommendationQuery]) -> list[list[dict[str, Any]]]:
-        return [self.recommend(list(q.models), top=q.top, task=q.task, base=q.base) for q in queries]
+    def recommend_many(self, queries: list[RecommendationQuery]) -> list[dict[str, Any]]:
+        return [
+            {
+                "plans": self.recommend(list(q.models), top=q.top, task=q.task, base=q.base),
+                "ranked_by": "regressor",
+            }
+            for q in queries
+        ]
 
-    def feedback(self, plan: dict[str, Any], task: str, score: float) -> None:
-        self.rewards[plan["plan"]["steps"][-1]["merge_method"]].append(score)
-
-    def add_arm(self, family: str, parameters: dict[str, Any]) -> None:
-        self.families.append(family)
+    def check_feedback(self, plan: dict[str, Any], score: float) -> None:
+        """The fake learns anything."""
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +93,7 @@ def app_parts(tmp_path: Path, database: str, family: dict[str, Path]):  # noqa: 
     )
     selector = FakeSelector()
     app = create_app(settings, selector=selector)
+    selector.store = app.state.store
     with TestClient(app) as client:
         yield client, settings, selector
 
@@ -122,7 +138,7 @@ def test_migrations_keep_separate_histories(app_parts) -> None:
     with engine.connect() as conn:
         assert (
             conn.execute(text("SELECT version_num FROM simmerge_service_version")).scalar()
-            == "0002_job_leases"
+            == "0003_token_source"
         )
 
 
@@ -413,11 +429,8 @@ def test_recommendations_and_feedback_reach_the_selector(app_parts, family: dict
     )
     assert sent.status_code == 201 and sent.json()["checkpoint"] == "ta"
     assert selector.rewards["task_arithmetic"] == [0.9]
-    with client.app.state.store.engine.connect() as conn:
-        label = conn.execute(text("SELECT plan_id, task, score FROM labels")).one()
-    from simmerge.plan import Plan
-
-    assert tuple(label) == (Plan.from_dict(merge["request"]["plan"]).plan_id(), "arith", 0.9)
+    with client.app.state.store.engine.connect() as conn:  # written once: the feedback row is the record
+        assert conn.execute(text("SELECT count(*) FROM feedback")).scalar() == 1
     second = client.post("/v1/recommendations", json=ask).json()
     assert second["plans"][0]["steps"][0]["merge_method"] == "task_arithmetic"
 
@@ -475,11 +488,11 @@ def test_settings_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_bad_token_configuration_stops_start_up(tmp_path: Path) -> None:
-    settings = ServiceSettings(
-        home=tmp_path, start_jobs=False, tokens={"x": {"token": "t", "scopes": ["root"]}}
-    )
-    with pytest.raises(Exception, match="root"), TestClient(create_app(settings, selector=FakeSelector())):
-        pass
+    from service.settings import SettingsInvalidError, load_settings
+
+    with pytest.raises(SettingsInvalidError, match=r"SIMMERGE_TOKENS.*scopes must be among") as caught:
+        load_settings(home=tmp_path, tokens={"x": {"token": "clear-t0ken", "scopes": ["root"]}})
+    assert "clear-t0ken" not in str(caught.value)
 
 
 def test_serve_command_is_registered() -> None:

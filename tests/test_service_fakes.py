@@ -72,3 +72,30 @@ class FakeRunners:
 
 
 FAKE_RUNNERS = FakeRunners()
+
+
+class BrokenRunners(FakeRunners):
+    """Fails the same way every time (a bug, or input the checks missed): retrying cannot help."""
+
+    def compute_features(
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Any
+    ) -> dict:
+        raise ValueError("the probe table has no rows")
+
+
+class FlakyRunners(FakeRunners):
+    """The first attempt meets a transient error (EAGAIN); the next succeeds. The marker file under
+    the home remembers the first attempt across worker processes."""
+
+    def compute_features(
+        self, catalog: Catalog, settings: Any, request: dict[str, Any], progress: Any
+    ) -> dict:
+        marker = Path(settings.home_dir) / "flaky-attempted"
+        if not marker.exists():
+            marker.touch()
+            raise BlockingIOError(11, "resource temporarily unavailable")
+        return super().compute_features(catalog, settings, request, progress)
+
+
+BROKEN_RUNNERS = BrokenRunners()
+FLAKY_RUNNERS = FlakyRunners()

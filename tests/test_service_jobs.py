@@ -49,6 +49,9 @@ SQLITE_ONLY = {
     "test_features_job_fills_the_signature_cache",
     "test_a_clean_stop_requeues_the_running_merge",
     "test_a_live_servers_job_is_left_alone_until_its_lease_lapses",
+    "test_a_deterministic_failure_fails_once_with_its_cause",
+    "test_a_transient_failure_is_retried_and_success_clears_its_error",
+    "test_a_transient_failure_that_persists_fails_with_its_cause",
 }
 
 
@@ -342,3 +345,34 @@ def test_features_job_fills_the_signature_cache(make_settings, ci_zoo: Path) -> 
         assert response.status_code == 200, response.text
         plans = response.json()["plans"]
         assert len(plans) == 2 and all(set(p["models"]) <= set(names) for p in plans)
+
+
+def test_a_deterministic_failure_fails_once_with_its_cause(make_settings, family) -> None:
+    """Not a SimMergeError, but not transient either: one attempt, and the row says why."""
+    settings = make_settings(job_runners="tests.test_service_fakes:BROKEN_RUNNERS", max_job_attempts=3)
+    with TestClient(create_app(settings)) as client:
+        register_family(client, family)
+        submitted = client.post("/v1/features", json={"models": ["math"]}, headers=auth("writer")).json()
+        done = wait_for(lambda: finished(client, submitted["id"]))
+        assert done["status"] == "failed" and done["attempts"] == 1
+        assert done["error"] == "ValueError: the probe table has no rows"
+
+
+def test_a_transient_failure_is_retried_and_success_clears_its_error(make_settings, family) -> None:
+    settings = make_settings(job_runners="tests.test_service_fakes:FLAKY_RUNNERS", max_job_attempts=3)
+    with TestClient(create_app(settings)) as client:
+        register_family(client, family)
+        submitted = client.post("/v1/features", json={"models": ["math"]}, headers=auth("writer")).json()
+        done = wait_for(lambda: finished(client, submitted["id"]))
+        assert done["status"] == "succeeded" and done["attempts"] == 2 and done["error"] is None
+        assert (settings.home_dir / "flaky-attempted").exists()  # the first attempt did fail
+
+
+def test_a_transient_failure_that_persists_fails_with_its_cause(make_settings, family) -> None:
+    settings = make_settings(job_runners="tests.test_service_fakes:FLAKY_RUNNERS", max_job_attempts=1)
+    with TestClient(create_app(settings)) as client:
+        register_family(client, family)
+        submitted = client.post("/v1/features", json={"models": ["math"]}, headers=auth("writer")).json()
+        done = wait_for(lambda: finished(client, submitted["id"]))
+        assert done["status"] == "failed" and done["attempts"] == 1
+        assert done["error"].startswith("BlockingIOError: [Errno 11] resource temporarily unavailable")

@@ -92,6 +92,15 @@ class TokenOut(BaseModel):
     token: str = Field(description="shown once; only its sha256 is stored")
 
 
+class TokenInfo(BaseModel):
+    name: str
+    scopes: list[str]
+    source: Literal["config", "api"]
+    revoked: bool
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
 class RecommendationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[str] = Field(min_length=2, max_length=64)

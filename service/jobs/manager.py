@@ -1,7 +1,9 @@
 """The dispatcher: claims queued jobs, watches their attempts, retries crashes, honours cancels.
 
 It keeps no state that matters: every decision is read from and written to the job rows, so a
-server that restarts picks up where the last one stopped (`recover`).
+server that restarts picks up where the last one stopped (`recover`). Only transient failures are
+retried: a worker that died, a lapsed lease, or a worker that reported a transient error
+(`TRANSIENT_EXIT`, its cause on the row); a worker that failed for good wrote so itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from service.jobs.base import JobBackend, JobHandle, make_backend
 from service.jobs.handlers import merge_output_path
+from service.jobs.worker import TRANSIENT_EXIT
 from service.settings import ServiceSettings
 from service.store import Store
 
@@ -144,7 +147,7 @@ class JobManager:
                 self._finish_cancel(job_id, job.kind, job.request)
                 continue
             self._clean_scratch(job_id)
-            reason = f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
+            reason = _failure_reason(code, job.error)
             if job.attempts < job.max_attempts:
                 self.store.update_job(
                     job_id,
@@ -173,7 +176,9 @@ class JobManager:
             if final.exists() and not self._registered_by(request["name"], job_id):
                 shutil.rmtree(final, ignore_errors=True)
             elif final.exists():  # registered before the kill landed: the merge did complete
-                self.store.update_job(job_id, only_if_status=["running"], status="succeeded", progress=1.0)
+                self.store.update_job(
+                    job_id, only_if_status=["running"], status="succeeded", progress=1.0, error=None
+                )
                 return
         self.store.update_job(
             job_id, only_if_status=["running", "queued"], status="cancelled", worker_pid=None
@@ -187,6 +192,13 @@ class JobManager:
 
     def _clean_scratch(self, job_id: str) -> None:
         shutil.rmtree(self.settings.scratch_dir / job_id, ignore_errors=True)
+
+
+def _failure_reason(code: int, reported: str | None) -> str:
+    """What the job's error says about an attempt that did not finish its row."""
+    if code == TRANSIENT_EXIT and reported:  # written by this attempt just before it exited
+        return reported
+    return f"worker exited with code {code}" if code >= 0 else f"worker killed by signal {-code}"
 
 
 def _kill_stray_worker(pid: int, job_id: str) -> None:

@@ -2,12 +2,14 @@
 
 The task runs the same `run_job` as the local worker, so the job row stays the truth; Ray's own
 retries are off (max_retries=0) because the dispatcher retries, counting attempts in the row.
+The settings (tokens excluded) travel as the task's argument, not in an environment variable; a
+local Ray started here inherits the server's environment, from which `simmerge serve` has removed
+the secrets (`service.cli`).
 Install with the `ray` extra (`pip install 'simmerge[ray]'`).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from service.api.errors import UnavailableError
@@ -18,7 +20,7 @@ def _run_attempt(job_id: str, settings_json: str) -> int:
     """Executed inside a Ray worker process."""
     from service.jobs.worker import run_job
 
-    return run_job(job_id, ServiceSettings.model_validate(json.loads(settings_json)))
+    return run_job(job_id, ServiceSettings.from_worker_json(settings_json))
 
 
 class RayHandle:
