@@ -105,7 +105,11 @@ def merge(
             raise PlanError("give either --config or --method/--models, not both")
         if not config.is_file():
             raise SimMergeError(f"{config}: no such plan file")
-        plan = Plan.from_yaml(config.read_text(), source=str(config))
+        try:
+            text = config.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{config}: not UTF-8 text (byte {exc.start})") from None
+        plan = Plan.from_yaml(text, source=str(config))
     else:
         if not method or not models:
             raise PlanError("--method and --models are required (or --config)")

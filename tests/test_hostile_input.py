@@ -314,6 +314,12 @@ def test_bad_plans_are_refused_before_any_work(
     assert_one_line_error(cli("merge", "--config", tmp_path / "plan.yaml", "--out", tmp_path / "o"), needle)
 
 
+def test_a_non_utf8_plan_file_is_named(tmp_path: Path, cli: Callable[..., tuple[int, str]]) -> None:
+    (tmp_path / "plan.yaml").write_bytes(b"merge_method: linear\nmodels: [\xff]\n")
+    result = cli("merge", "--config", tmp_path / "plan.yaml", "--out", tmp_path / "o")
+    assert_one_line_error(result, tmp_path / "plan.yaml", "not UTF-8")
+
+
 def test_rest_refuses_cyclic_and_mistyped_plans_before_queueing(
     client: TestClient, family: dict[str, Path]
 ) -> None:
@@ -431,6 +437,14 @@ def test_non_utf8_probes_name_file_and_line(tmp_path: Path) -> None:
         (b'{"checkpoints": [{"name": "x", "path": "p", "tasks": [1]}]}', "checkpoints[1] has 'tasks'"),
     ],
 )
+def test_wrongly_shaped_catalog_json_is_named_by_the_label_harness(tmp_path: Path) -> None:
+    from simmerge.labels.zoo import read_zoo
+
+    (tmp_path / "catalog.json").write_bytes(b"\xff{}")
+    with pytest.raises(SimMergeError, match=r"catalog\.json: invalid JSON"):
+        read_zoo(tmp_path)
+
+
 def test_wrongly_shaped_catalog_json_is_named(
     tmp_path: Path, cli: Callable[..., tuple[int, str]], catalog: bytes, needle: str
 ) -> None:

@@ -71,6 +71,8 @@ def read_zoo(root: str | Path) -> Zoo:
         catalog = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise SimMergeError(f"{catalog_path}: invalid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (ValueError, RecursionError):  # not UTF-8, or nested too deep
+        raise SimMergeError(f"{catalog_path}: invalid JSON") from None
     if not isinstance(catalog, dict):
         raise SimMergeError(f"{catalog_path}: expected a JSON object")
     tasks = tuple(_task(root, catalog_path, t) for t in _list(catalog, "tasks", catalog_path))
