@@ -437,14 +437,6 @@ def test_non_utf8_probes_name_file_and_line(tmp_path: Path) -> None:
         (b'{"checkpoints": [{"name": "x", "path": "p", "tasks": [1]}]}', "checkpoints[1] has 'tasks'"),
     ],
 )
-def test_wrongly_shaped_catalog_json_is_named_by_the_label_harness(tmp_path: Path) -> None:
-    from simmerge.labels.zoo import read_zoo
-
-    (tmp_path / "catalog.json").write_bytes(b"\xff{}")
-    with pytest.raises(SimMergeError, match=r"catalog\.json: invalid JSON"):
-        read_zoo(tmp_path)
-
-
 def test_wrongly_shaped_catalog_json_is_named(
     tmp_path: Path, cli: Callable[..., tuple[int, str]], catalog: bytes, needle: str
 ) -> None:
@@ -452,6 +444,14 @@ def test_wrongly_shaped_catalog_json_is_named(
     zoo.mkdir()
     (zoo / "catalog.json").write_bytes(catalog)
     assert_one_line_error(cli("catalog", "import", zoo), zoo / "catalog.json", needle)
+
+
+def test_wrongly_shaped_catalog_json_is_named_by_the_label_harness(tmp_path: Path) -> None:
+    from simmerge.labels.zoo import read_zoo
+
+    (tmp_path / "catalog.json").write_bytes(b"\xff{}")
+    with pytest.raises(SimMergeError, match=r"catalog\.json: invalid JSON"):
+        read_zoo(tmp_path)
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------
