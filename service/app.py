@@ -25,8 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import simmerge
 from service.adapters import ModelsSelector, Selector
 from service.api import admin, checkpoints, jobs, operators, selection, tasks
-from service.api.errors import UnavailableError, install_error_handlers
-from service.api.fast_path import RecommendationFastPath
+from service.api.errors import UnavailableError, UnhandledErrors, install_error_handlers
+from service.api.limits import BodyLimit, limits_by_route
 from service.auth import load_configured_tokens
 from service.batching import RecommendationBatcher
 from service.db import JOB_STATUSES
@@ -187,8 +187,12 @@ def create_app(
     )
     install_error_handlers(app)
 
-    app.add_middleware(RecommendationFastPath, prefix=API_PREFIX)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it sees every request
+    # Middleware added later wraps what came before: the body limit is outermost, so nothing reads
+    # past it; the metrics see every answer of the app, the unhandled-error middleware's 500s included.
+    app.add_middleware(UnhandledErrors)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    upload_limits = {("POST", f"{API_PREFIX}/tasks"): settings.max_upload_bytes}
+    app.add_middleware(BodyLimit, limit_for=limits_by_route(settings.max_body_bytes, upload_limits))
 
     # Routes are matched in order: the recommendation route, the one under load, is tried first.
     for module in (selection, checkpoints, tasks, operators, jobs, admin):

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from simmerge.errors import SimMergeError
 
@@ -64,7 +65,14 @@ def error_response(exc: SimMergeError) -> JSONResponse:
     return envelope(exc.http_status, error_code(exc), str(exc), headers)
 
 
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    code = _STATUS_CODES.get(exc.status_code, "error")
+    return envelope(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    """Handlers for the expected failures; an unexpected one is `UnhandledErrors`' (a middleware)."""
+
     @app.exception_handler(SimMergeError)
     async def _simmerge(_request: Request, exc: SimMergeError) -> JSONResponse:
         return error_response(exc)
@@ -75,10 +83,43 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, "error")
-        return envelope(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return http_error_response(exc)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return envelope(500, "internal_error", f"internal error ({type(exc).__name__})")
+
+class UnhandledErrors:
+    """Plain ASGI middleware: an exception that escapes the app is answered with its envelope (500
+    for anything unexpected) and goes no further.
+
+    Not `exception_handler(Exception)`: Starlette re-raises after that handler answers, and uvicorn
+    then closes the connection, so a keep-alive client's next request on it was reset.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def observed(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        except Exception as exc:
+            if started:  # the status is sent; only closing the connection can tell the client
+                raise
+            await _unhandled_response(exc, scope)(scope, receive, send)
+
+
+def _unhandled_response(exc: Exception, scope: Scope) -> JSONResponse:
+    if isinstance(exc, SimMergeError):
+        return error_response(exc)
+    if isinstance(exc, StarletteHTTPException):
+        return http_error_response(exc)
+    log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+    return envelope(500, "internal_error", f"internal error ({type(exc).__name__})")

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# Field limits: the body limit (service.api.limits) bounds a request; these bound what one request
+# may store or ask for, so no field can carry a whole body's worth into a row or a job.
+MAX_NAMES = 1000  # checkpoints named in one request (scoring, features)
+Text200 = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+TagValue = (
+    Annotated[str, StringConstraints(max_length=1000)]
+    | int
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | bool
+    | None
+)
+ParameterKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
 
 class ErrorBody(BaseModel):
@@ -30,9 +43,11 @@ class CheckpointIn(BaseModel):
     path: str = Field(min_length=1, max_length=4096, description="directory under a configured catalog root")
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     base: str | None = Field(default=None, max_length=200)
-    tasks: list[str] = Field(default_factory=list)
+    tasks: list[Text200] = Field(default_factory=list, max_length=64)
     family: str | None = Field(default=None, max_length=200)
-    tags: dict[str, Any] = Field(default_factory=dict)
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict, max_length=64, description="up to 64 scalars; keys ≤ 100, strings ≤ 1000 chars"
+    )
 
 
 class CheckpointOut(BaseModel):
@@ -61,7 +76,7 @@ class TaskOut(BaseModel):
 
 class ArmIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[ParameterKey, Any] = Field(default_factory=dict, max_length=32)
     name: str | None = Field(default=None, max_length=200)
 
 
@@ -103,9 +118,9 @@ class TokenInfo(BaseModel):
 
 class RecommendationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    models: list[str] = Field(min_length=2, max_length=64)
+    models: list[Text200] = Field(min_length=2, max_length=64)
     top: int = Field(default=3, ge=1, le=100)
-    task: str | None = None
+    task: Text200 | None = None
 
 
 class RecommendedPlan(BaseModel):
@@ -132,7 +147,7 @@ class MergeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN, description="catalog name of the merged checkpoint")
     plan: dict[str, Any] | None = Field(default=None, description="a plan as Plan.to_dict() writes it")
-    mergekit_yaml: str | None = Field(default=None, max_length=1_000_000)
+    mergekit_yaml: str | None = Field(default=None, max_length=256 * 1024)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     predicted_score: float | None = Field(
@@ -142,14 +157,18 @@ class MergeIn(BaseModel):
 
 class ScoringIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    models: list[str] | None = Field(default=None, description="defaults to the whole catalog")
-    methods: list[str] | None = None
+    models: list[Text200] | None = Field(
+        default=None, max_length=MAX_NAMES, description="defaults to the whole catalog"
+    )
+    methods: list[Text200] | None = Field(default=None, max_length=64)
 
 
 class FeaturesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    models: list[str] | None = Field(default=None, description="defaults to the whole catalog")
-    probes: str | None = Field(default=None, description="name of an uploaded task used as probes")
+    models: list[Text200] | None = Field(
+        default=None, max_length=MAX_NAMES, description="defaults to the whole catalog"
+    )
+    probes: Text200 | None = Field(default=None, description="name of an uploaded task used as probes")
 
 
 class JobOut(BaseModel):
@@ -188,8 +207,10 @@ class ScorePage(Page):
 
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    merge_id: str | None = Field(default=None, description="the merge job that made the checkpoint")
-    checkpoint: str | None = Field(default=None, description="or the merged checkpoint's catalog name")
+    merge_id: str | None = Field(
+        default=None, max_length=64, description="the merge job that made the checkpoint"
+    )
+    checkpoint: Text200 | None = Field(default=None, description="or the merged checkpoint's catalog name")
     task: str = Field(min_length=1, max_length=200)
     score: float = Field(allow_inf_nan=False)
 
