@@ -266,7 +266,10 @@ class Checkpoint:
             return files
         if (root / SINGLE_FILE).is_file():
             return [root / SINGLE_FILE]
-        pickled = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        try:
+            pickled = sorted(p for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        except OSError as exc:
+            raise CheckpointError(f"{root}: cannot list the directory ({exc.strerror or exc})") from exc
         if pickled:
             raise CheckpointError(
                 f"{pickled[0]}: pickle weights are never loaded; SimMerge reads safetensors only"
