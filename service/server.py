@@ -18,9 +18,10 @@ import signal
 import socket
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
-from service.settings import WORKER_SETTINGS_ENV, ServiceSettings
+from service.settings import WORKER_SETTINGS_FILE_ENV, ServiceSettings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 log = logging.getLogger("simmerge.service")
@@ -54,8 +55,11 @@ def _serve_workers(settings: ServiceSettings, *, host: str, port: int, log_level
     store = Store(settings.db_url)
     prepare_database(settings, store)
     manager = JobManager(settings, store) if settings.start_jobs else None
-    with tempfile.TemporaryDirectory(prefix="simmerge-metrics-") as metrics_dir:
-        os.environ[WORKER_SETTINGS_ENV] = settings.worker_json()
+    with (
+        tempfile.TemporaryDirectory(prefix="simmerge-metrics-") as metrics_dir,
+        tempfile.TemporaryDirectory(prefix="simmerge-settings-") as private,  # mode 0700
+    ):
+        os.environ[WORKER_SETTINGS_FILE_ENV] = str(settings.write_worker_file(Path(private)))
         os.environ[MULTIPROC_ENV] = metrics_dir
         if manager is not None:
             manager.start()

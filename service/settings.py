@@ -25,7 +25,9 @@ from sqlalchemy.exc import ArgumentError
 from simmerge.errors import SimMergeError
 from simmerge.home import resolve_home
 
-WORKER_SETTINGS_ENV = "SIMMERGE_WORKER_SETTINGS"
+# Where a web worker finds its settings: a file readable by the service's user only, not the settings
+# themselves in the environment (they hold the database URL).
+WORKER_SETTINGS_FILE_ENV = "SIMMERGE_WORKER_SETTINGS_FILE"
 # Variables whose values are secrets: dropped from the server's environment once read (`serve`).
 SECRET_ENV = ("SIMMERGE_TOKENS", "SIMMERGE_DATABASE_URL")
 TOKEN_SCOPES = ("read", "write", "admin")
@@ -191,9 +193,16 @@ class ServiceSettings(BaseSettings):
 
     @classmethod
     def from_worker_env(cls) -> ServiceSettings:
-        """A web worker's settings, put in its environment by the supervisor (`service.server`)."""
-        raw = os.environ.get(WORKER_SETTINGS_ENV)
-        return cls.from_worker_json(raw) if raw else load_settings()
+        """A web worker's settings, from the file the supervisor named in its environment."""
+        path = os.environ.get(WORKER_SETTINGS_FILE_ENV)
+        return cls.from_worker_json(Path(path).read_text()) if path else load_settings()
+
+    def write_worker_file(self, directory: Path) -> Path:
+        """`worker_json` in a new file under `directory` that only this user can read."""
+        path = directory / "settings.json"
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(self.worker_json())
+        return path
 
 
 def drop_secret_environment() -> None:

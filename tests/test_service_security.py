@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -220,6 +222,52 @@ def test_a_job_worker_sees_no_secret_in_its_environment(
     assert b"PATH" in names and not any(name.startswith(b"SIMMERGE_") for name in names)
     for secret in (SECRET, *TOKENS.values(), str(tmp_path / "simmerge.db")):
         assert secret.encode() not in environ and secret.encode() not in cmdline
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_serve_keeps_secrets_out_of_its_web_workers_environment(tmp_path: Path) -> None:
+    """`simmerge serve --workers 2` with a clear token: it works, and no process started inherits it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "SIMMERGE_HOME": str(tmp_path / "home"),
+        "SIMMERGE_ENV_FILE": "/nonexistent",
+        "SIMMERGE_TOKENS": json.dumps({"ops": {"token": SECRET, "scopes": ["admin"]}}),
+    }
+    command = [sys.executable, "-m", "simmerge", "serve", "--workers", "2", "--port", str(port)]
+    server = subprocess.Popen([*command, "--log-level", "warning"], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=10) as client:
+
+            def answers() -> bool:
+                try:
+                    return (
+                        client.get("/v1/tokens", headers={"Authorization": f"Bearer {SECRET}"}).status_code
+                        == 200
+                    )
+                except httpx.TransportError:
+                    return False
+
+            wait_for(answers, timeout=120, interval=0.5)
+        started = children(server.pid)
+        assert len(started) >= 2  # the web workers (and multiprocessing's resource tracker)
+        for pid in started:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert SECRET.encode() not in environ and b"SIMMERGE_TOKENS" not in environ
+            assert b"SIMMERGE_WORKER_SETTINGS_FILE" in environ  # settings by a private file's name
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 # ---- body and field limits ---------------------------------------------------------------------
