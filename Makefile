@@ -13,7 +13,7 @@ BENCH_HOME ?= $(CURDIR)/.cache/bench-home
 export PYTHONUNBUFFERED := 1
 
 .PHONY: venv demo test lint format bench bench-merge bench-features bench-service bench-selection \
-	bench-bandit bench-score-catalog labels labels-ci labels-holdout predictor clean
+	bench-score-catalog labels labels-ci labels-holdout predictor clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,7 @@ format: venv
 	$(BIN)/ruff format .
 
 # Every benchmark (each writes its own section of BENCHMARKS.md), then the slow tests.
-bench: bench-merge bench-features bench-service bench-selection bench-bandit bench-score-catalog
+bench: bench-merge bench-features bench-service bench-selection bench-score-catalog
 	$(BIN)/pytest -q -m slow
 
 bench-features: venv
@@ -90,8 +90,6 @@ TRAIN_LABELS = $(if $(wildcard $(LABELS)),$(LABELS),$(CI_LABELS))
 bench-selection: labels-ci labels-holdout
 	$(BIN)/python -m bench.bench_selection --labels $(TRAIN_LABELS) --holdout-labels $(HOLDOUT_LABELS) --home $(BENCH_HOME)
 
-bench-bandit: labels-ci
-	$(BIN)/python -m bench.bench_bandit --labels $(TRAIN_LABELS) --home $(BENCH_HOME)
 
 bench-score-catalog: venv
 	$(BIN)/python -m bench.bench_score_catalog

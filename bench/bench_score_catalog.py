@@ -19,9 +19,10 @@ from pathlib import Path
 
 from bench.report import write_section
 from models.dataset import build_dataset
-from models.descriptors import DEFAULT_SETTINGS
+from models.plans import DEFAULT_SETTINGS
 from models.predictor import LightGBMSelector
-from models.score_catalog import score_pairs, write_table
+from models.score_catalog import write_table
+from models.selection import Selection
 from models.synthetic import make_catalog, make_labels
 
 
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         catalog = make_catalog(n_tasks=max(1, size // 10), per_task=10, seed=3)
         names = catalog.names[:size]
         started, cpu_started = time.perf_counter(), time.process_time()
-        table = score_pairs(names, selector, catalog, DEFAULT_SETTINGS)
+        meta = {
+            "input_feature_names": data.feature_names,
+            "settings": [x.to_dict() for x in DEFAULT_SETTINGS],
+        }
+        table = Selection(selector, meta, catalog).score_pairs(names)
         scored, cpu = time.perf_counter() - started, time.process_time() - cpu_started
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()

@@ -22,7 +22,8 @@ from models.baselines import BestFixedSelector
 from models.dataset import SELF_ROW_WEIGHT, Dataset, build_dataset, load_labels
 from models.evaluate import SELECTORS, evaluate_all, fit_selector, markdown_table
 from models.metrics import evaluate_selection, pool_indices
-from models.plan_search import CandidateFeaturizer, search_plans
+from models.plans import PlanQuery, search
+from models.table import PlanTable
 from models.synthetic import make_catalog, make_labels
 
 
@@ -110,7 +111,7 @@ def _beam_hits(model, test: Dataset, source, settings) -> str:
     multi = test.subset(np.asarray([len(m) > 2 for m in test.models]))
     if len(multi) == 0:
         return ""
-    featurizer = CandidateFeaturizer(source)
+    table = PlanTable(source, test.feature_names)
     measured = {}
     for members, y in zip(multi.models, multi.y, strict=True):
         measured.setdefault("|".join(sorted(members)), []).append(y)
@@ -118,9 +119,10 @@ def _beam_hits(model, test: Dataset, source, settings) -> str:
     groups = pool_indices(multi.pools)
     for group in groups:
         members = multi.models[group[0]]
-        scored = search_plans(members, model, featurizer, settings=settings, base="base", max_models=3)
+        query = PlanQuery(tuple(members), "base", 3)
+        scored = search([query], lambda cands: table.score(model, cands), settings)[0]
         best_triple = next(s for s in scored if len(s.candidate.models) == 3)
-        rows = featurizer.rows([best_triple.candidate])
+        rows = table.rows([best_triple.candidate])
         # a measured plan with the same features is the same plan (same members, order and operators)
         match = np.flatnonzero(np.all(np.isclose(multi.X[group], rows[0]), axis=1))
         if match.size:

@@ -14,6 +14,7 @@ Two servers on one database therefore agree, and no update can be lost: each mea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,7 +50,8 @@ class Posterior:
     arm_columns: np.ndarray  # int indices of the row's operator descriptor
     ridge: float = RIDGE
     prior_weight: float = PRIOR_WEIGHT
-    last_id: int = 0  # the newest feedback row folded in
+    last_id: int = 0  # low-water mark: every feedback id up to it is folded in
+    seen: set[int] = field(default_factory=set)  # feedback ids above the mark that are folded in
     pulls: int = 0
     A_inv: np.ndarray = field(init=False)
     b: np.ndarray = field(init=False)
@@ -85,20 +87,31 @@ class Posterior:
         crossed = np.einsum("ni,nj->nij", context, arm).reshape(n, -1)
         return np.concatenate([crossed, np.asarray(priors, dtype=np.float64).reshape(n, 1)], axis=1)
 
-    def extend(self, rows: np.ndarray, priors: np.ndarray, scores: np.ndarray, last_id: int) -> None:
+    def extend(self, rows: np.ndarray, priors: np.ndarray, scores: np.ndarray) -> None:
         """Fold in measured scores (Sherman–Morrison, O(d²) each); a non-finite result is refused and
         the posterior stays as it was."""
         phi = self.features(rows, priors)
         A_inv, b = self.A_inv.copy(), self.b.copy()
-        for x, reward in zip(phi, np.asarray(scores, dtype=np.float64), strict=True):
-            a_x = A_inv @ x
-            A_inv -= np.outer(a_x, a_x) / (1.0 + x @ a_x)
-            b += reward * x
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._fold(phi, np.asarray(scores, dtype=np.float64), A_inv, b)
         if not (np.isfinite(A_inv).all() and np.isfinite(b).all()):
             raise SimMergeError("the bandit's update would store a non-finite state; the feedback is refused")
         self.A_inv, self.b = A_inv, b
         self.pulls += len(phi)
-        self.last_id = max(self.last_id, last_id)
+
+    def mark_seen(self, ids: Iterable[int]) -> None:
+        """Record feedback ids as folded in; the low-water mark moves over every id that is contiguous."""
+        self.seen.update(ids)
+        while self.last_id + 1 in self.seen:
+            self.last_id += 1
+            self.seen.discard(self.last_id)
+
+    @staticmethod
+    def _fold(phi: np.ndarray, scores: np.ndarray, A_inv: np.ndarray, b: np.ndarray) -> None:
+        for x, reward in zip(phi, scores, strict=True):
+            a_x = A_inv @ x
+            A_inv -= np.outer(a_x, a_x) / (1.0 + x @ a_x)
+            b += reward * x
 
     def estimate(
         self, rows: np.ndarray, priors: np.ndarray, *, widths: bool

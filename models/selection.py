@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.bandit import MODES, Posterior
+from models.bandit import MODES, Posterior, check_score
 from models.plans import (
     Candidate,
     OperatorSetting,
@@ -71,14 +71,21 @@ class Selection:
 
     # -- the bandit ---------------------------------------------------------------------------
     def posterior(self) -> Posterior:
-        """The bandit's posterior with every feedback row the store holds folded in."""
+        """The bandit's posterior with every feedback row the store holds folded in.
+
+        Rows are read from the posterior's low-water mark (every id up to it is folded in) and those
+        already seen are skipped: on PostgreSQL ids are handed out at insert but become visible at
+        commit, so a later id can be seen before an earlier one, which a plain "id above the newest
+        seen" read would lose. A gap that never fills (a rolled-back insert) only means the rows after
+        it are read again and skipped."""
         if self._posterior is None:
             self._posterior = Posterior.for_columns(self.table.columns)
+        posterior = self._posterior
         if self.feedback is not None:
-            new = self.feedback.feedback_since(self._posterior.last_id)
+            new = [r for r in self.feedback.feedback_since(posterior.last_id) if r.id not in posterior.seen]
             if new:
-                self._learn(self._posterior, new)
-        return self._posterior
+                self._learn(posterior, new)
+        return posterior
 
     def _learn(self, posterior: Posterior, records: Sequence[FeedbackRecord]) -> None:
         usable = []
@@ -89,17 +96,18 @@ class Selection:
                 log.warning("feedback %s ignored by the bandit: %s", record.id, exc)
         if usable:
             rows, prior, _ = self.table.score(self.selector, [c for _, c in usable])
-            posterior.extend(rows, prior, np.asarray([r.score for r, _ in usable]), records[-1].id)
-        posterior.last_id = max(posterior.last_id, records[-1].id)
+            posterior.extend(rows, prior, np.asarray([r.score for r, _ in usable]))
+        posterior.mark_seen(r.id for r in records)
 
     def check_feedback(self, plan: dict[str, Any], score: float) -> None:
         """Raise if this measurement could not be learned (unknown checkpoints, a non-finite update),
         before the caller stores it."""
+        score = check_score(score)
         candidate = feedback_candidate(plan)
         rows, prior, _ = self.table.score(self.selector, [candidate])
         trial = Posterior.for_columns(self.table.columns)
         trial.A_inv, trial.b = self.posterior().A_inv.copy(), self.posterior().b.copy()
-        trial.extend(rows, prior, np.asarray([score]), 0)
+        trial.extend(rows, prior, np.asarray([score]))
 
     # -- recommendations ----------------------------------------------------------------------
     def recommend_many(

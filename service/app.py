@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,12 @@ class Metrics:
             "Recommendation requests answered by one selector call",
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
+        )
+        self.uncompiled = Gauge(
+            "simmerge_uncompiled_boosters",
+            "Predictor boosters evaluated by LightGBM because the compiled trees could not take them",
+            registry=self.registry,
+            multiprocess_mode="max",
         )
         self.jobs = Gauge(
             "simmerge_jobs",
@@ -179,7 +186,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.catalog = catalog = Catalog(store.engine)
-    app.state.selector = selector or ModelsSelector(settings.home_dir, catalog, settings.pair_features)
+    app.state.selector = selector or ModelsSelector(settings.home_dir, catalog, store, settings.pair_features)
     app.state.jobs = None
     app.state.metrics = metrics = Metrics()
     app.state.recommendations = RecommendationBatcher(
@@ -217,6 +224,8 @@ def create_app(
         counts = store.count_jobs_by_status()
         for status in JOB_STATUSES:  # every status, so a count that drops to zero shows as zero
             metrics.jobs.labels(status).set(counts.get(status, 0))
+        predictor = sys.modules.get("models.predictor")  # loaded with the selector, never for this
+        metrics.uncompiled.set(len(predictor.UNCOMPILED) if predictor is not None else 0)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -48,7 +48,11 @@ def home_selection(
         catalog = store.catalog()
         paths = {e.name: e.path for e in catalog.list()}
         source = home_source(ctx.home, pair_features, paths=paths)
-        yield load_selection(ctx.home, source, predictor=predictor, feedback=store, arms=store), catalog
+        yield (
+            load_selection(ctx.home, source, predictor=predictor, feedback=store, arms=store),
+            catalog,
+            store,
+        )
     finally:
         store.dispose()
 
@@ -89,9 +93,9 @@ def recommend(
     names = list(models) + list(extra_models)
     if len(names) < 2:
         raise SimMergeError(f"--models needs at least two checkpoints, got {names}")
-    with home_selection(ctx, pair_features, predictor) as (selection, catalog):
+    with home_selection(ctx, pair_features, predictor) as (selection, catalog, _store):
         bases = catalog.bases(names)
-        if base is not None and not catalog.has(base):
+        if base is not None and pair_features is None and not catalog.has(base):
             raise NotFoundError(f"--base {base!r} is not a checkpoint in the catalog")
         members = [bases.get(n) for n in names]
         if base is None and len(set(members)) == 1:
@@ -140,7 +144,7 @@ def score_catalog(
     """Predict every pair × operator setting of the catalog."""
     from models.api import score_catalog as score
 
-    with home_selection(ctx, pair_features, predictor) as (selection, catalog):
+    with home_selection(ctx, pair_features, predictor) as (selection, catalog, _store):
         entries = catalog.list()
         names = list(models) or [e.name for e in entries if e.base]
         if not names:
@@ -158,3 +162,40 @@ def score_catalog(
             f"  {row['model_a']} ⊕ {row['model_b']}: {row['method']} {json.dumps(row['parameters'])} "
             f"→ {row['predicted_score']:.3f} ± {row['uncertainty']:.3f}"
         )
+
+
+@click.command("feedback")
+@home_option
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="A JSON file with one plan exactly as `recommend --json` prints it (or its `plan` object).",
+)
+@click.option("--task", required=True, help="The task the score was measured on.")
+@click.option("--score", type=float, required=True, help="The normalised score (1: the expert's own).")
+@_pair_features_option
+@_predictor_option
+@pass_context
+def feedback(
+    ctx: Context, plan_file: Path, task: str, score: float, pair_features: Path | None, predictor: Path | None
+) -> None:
+    """Report a measured score of a plan: the CLI twin of POST /v1/feedback (one row in the store, which
+    the bandit learns from in every later recommendation)."""
+    from simmerge.plan import Plan
+
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SimMergeError(f"--plan {plan_file}: not a JSON plan ({exc})") from exc
+    if not isinstance(plan, dict):
+        raise SimMergeError(f"--plan {plan_file}: expected a JSON object, got {type(plan).__name__}")
+    body = plan.get("plan", plan)
+    if not isinstance(body, dict):
+        raise SimMergeError(f"--plan {plan_file}: 'plan' is not an object")
+    with home_selection(ctx, pair_features, predictor) as (selection, _catalog, store):
+        selection.check_feedback(body, score)
+        plan_id = Plan.from_dict(body).plan_id()
+        row = store.add_feedback(checkpoint=plan_id, task=task, score=score, plan=body, merge_job_id=None)
+    click.echo(f"feedback {row.id}: {task} = {score:g}")

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
@@ -20,12 +20,12 @@ from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from models.ports import FeedbackRecord
 from service.db import (
     TERMINAL_STATUSES,
     ApiToken,
     Feedback,
     Job,
-    Label,
     OperatorArm,
     SignatureKey,
     make_engine,
@@ -33,6 +33,9 @@ from service.db import (
     utcnow,
 )
 from simmerge.errors import ConflictError, NotFoundError
+
+if TYPE_CHECKING:
+    from simmerge.catalog import Catalog
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -44,6 +47,17 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
+
+
+def open_store(home: Path | None) -> Store:
+    """The store of a home as the command line uses it (the catalog's SQLite database), migrated."""
+    from simmerge.catalog import database_url
+    from simmerge.catalog import migrate as migrate_catalog
+
+    store = Store(database_url(home))
+    migrate_catalog(store.engine)
+    migrate(store.engine)
+    return store
 
 
 def canonical_hash(data: Any) -> str:
@@ -62,6 +76,12 @@ class Store:
     def session(self) -> Iterator[Session]:
         with self._sessions() as session, session.begin():
             yield session
+
+    def catalog(self) -> Catalog:
+        """The catalog on this store's database."""
+        from simmerge.catalog import Catalog
+
+        return Catalog(self.engine)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -242,21 +262,26 @@ class Store:
 
     # ---- feedback and labels ----------------------------------------------------------------------
     def add_feedback(
-        self,
-        *,
-        checkpoint: str,
-        task: str,
-        score: float,
-        plan: dict[str, Any],
-        plan_id: str,
-        merge_job_id: str | None,
+        self, *, checkpoint: str, task: str, score: float, plan: dict[str, Any], merge_job_id: str | None
     ) -> Feedback:
-        """The feedback row, and the same measurement as a label (plan, task, score) for retraining."""
+        """One measured score: the one record of it, and the bandit's evidence (`feedback_since`)."""
         row = Feedback(checkpoint=checkpoint, task=task, score=score, plan=plan, merge_job_id=merge_job_id)
-        label = Label(plan_id=plan_id, plan=plan, task=task, score=score, parent_scores={})
         with self.session() as session:
-            session.add_all([row, label])
+            session.add(row)
         return row
+
+    def feedback_since(self, after_id: int) -> list[FeedbackRecord]:
+        """Feedback rows with an id above `after_id`, oldest first (the bandit's `FeedbackLog`)."""
+        query = select(Feedback.id, Feedback.plan, Feedback.task, Feedback.score).where(
+            Feedback.id > after_id
+        )
+        with self.session() as session:
+            rows = session.execute(query.order_by(Feedback.id)).all()
+        return [FeedbackRecord(int(i), dict(plan), str(task), float(score)) for i, plan, task, score in rows]
+
+    def arm_settings(self) -> list[tuple[str, dict[str, Any]]]:
+        """(family, parameters) of every arm, oldest first (the selector's `ArmSource`)."""
+        return [(arm.family, dict(arm.parameters)) for arm in self.list_arms()]
 
     def list_feedback(self) -> list[Feedback]:
         with self.session() as session:

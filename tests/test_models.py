@@ -255,7 +255,9 @@ def test_held_out_catalog_requires_same_columns(data):
 
 # -- the plan table, plan search, recommendation, catalog scoring ------------------------------------
 def _selection(predictor, source, data, settings=DEFAULT_SETTINGS, feedback=None, arms=None) -> Selection:
-    columns = [c for c in data.feature_names if c.startswith("op:")] + pair_feature_names(source.feature_names)
+    columns = [c for c in data.feature_names if c.startswith("op:")] + pair_feature_names(
+        source.feature_names
+    )
     meta = {"input_feature_names": columns, "settings": [s.to_dict() for s in settings]}
     return Selection(predictor, meta, source, feedback, arms)
 

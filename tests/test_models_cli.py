@@ -192,52 +192,52 @@ def test_bad_input_exits_2_naming_the_value(trained):
     assert run.returncode == 2 and "nope.parquet" in run.stderr
 
 
-def test_feedback_teaches_the_home_bandit_and_shows_in_recommendations(trained, tmp_path):
+def test_feedback_on_the_command_line_reranks_recommend(trained, tmp_path):
+    """`simmerge feedback` stores a measured score in the home's store; the next `recommend` is ranked
+    by the bandit, and plan #1, measured far below its prediction, is no longer first."""
     import shutil
-
-    from models import api
 
     _, home, catalog, _, features, _ = trained
     home = shutil.copytree(home, tmp_path / "home")
     a, b = catalog.names[:2]
-    plans = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
-    assert all("bandit_score" not in p for p in plans)  # no feedback yet
-    key = api.bandit_add_arm("della", {"density": 0.5}, home=home, pair_features=features)
-    assert key.startswith("della")
-    api.bandit_update(plans[0], "task0", 0.97, home=home, pair_features=features)
-    api.bandit_update(plans[0], "task0", 0.98, home=home, pair_features=features)
-    log = (home / "bandit" / "feedback.jsonl").read_text().splitlines()
-    assert len(log) == 2 and json.loads(log[0])["task"] == "task0"
-    again = api.recommend([a, b], top=3, home=home, base="base", pair_features=features, task="task0")
-    taught = next(p for p in again["plans"] if p["description"] == plans[0]["description"])
-    assert "bandit_score" in taught and taught["bandit_width"] >= 0
-    with pytest.raises(SimMergeError, match="at least two"):
-        api.bandit_update(
-            {"plan": Plan.single("linear", [a]).to_dict()}, "t", 1.0, home=home, pair_features=features
-        )
-
-
-def test_recommendations_follow_each_feedback_through_the_cached_bandit(trained, tmp_path):
-    """The bandit is parsed once per version of its files: every update must still show at once, with the
-    same estimate a freshly loaded bandit gives."""
-    import shutil
-
-    from models import api
-    from models.bandit import LinearBandit
-
-    _, home, catalog, _, features, _ = trained
-    home = shutil.copytree(home, tmp_path / "home")
-    a, b = catalog.names[:2]
-    plans = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
-    seen = []
-    for score in (0.9, 0.2, 0.95):
-        api.bandit_update(plans[0], "task0", score, home=home, pair_features=features)
-        again = api.recommend([a, b], top=3, home=home, base="base", pair_features=features)["plans"]
-        taught = next(p for p in again if p["description"] == plans[0]["description"])
-        fresh = LinearBandit.load(home / "bandit")
-        experts, setting = api._plan_setting(taught)
-        context = api._context(api.home_source(home, features), experts)
-        expected = fresh.scores(context, {setting.key: taught["predicted_score"]}, [setting.key])[setting.key]
-        assert (taught["bandit_score"], taught["bandit_width"]) == expected
-        seen.append(taught["bandit_score"])
-    assert len(set(seen)) == 3  # each update changed the estimate the service returns
+    ask = [
+        "--home",
+        str(home),
+        "recommend",
+        "--models",
+        a,
+        b,
+        "--top",
+        "3",
+        "--pair-features",
+        str(features),
+        "--json",
+    ]
+    first = json.loads(CliRunner().invoke(cli, ask).output)
+    assert first["ranked_by"] == "regressor"
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(first["plans"][0]))
+    low = first["plans"][0]["predicted_score"] - 0.5
+    tell = [
+        "--home",
+        str(home),
+        "feedback",
+        "--plan",
+        str(plan_file),
+        "--task",
+        "task0",
+        "--pair-features",
+        str(features),
+    ]
+    for _ in range(3):
+        result = CliRunner().invoke(cli, [*tell, "--score", str(low)])
+        assert result.exit_code == 0, result.output
+    after = json.loads(CliRunner().invoke(cli, ask).output)
+    assert after["ranked_by"] == "bandit (exploit)"
+    assert after["plans"][0]["plan"] != first["plans"][0]["plan"] and "bandit_score" in after["plans"][0]
+    bad = CliRunner().invoke(cli, [*tell, "--score", "1e308"])
+    assert bad.exit_code != 0 and "outside [-10, 10]" in str(bad.exception)
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(Plan.single("linear", [a]).to_dict()))
+    result = CliRunner().invoke(cli, [*tell[:4], str(single), *tell[5:], "--score", "0.5"])
+    assert result.exit_code != 0 and "at least two" in str(result.exception)

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from models.api import DEFAULT_PREDICTOR, load_predictor, settings_of
-from models.recommend import recommend_plans
+from models.api import DEFAULT_PREDICTOR, load_predictor
+from models.plans import PlanQuery
+from models.selection import Selection
 from models.sources import FeaturesPackageSource, zoo_paths
 
 pytestmark = pytest.mark.skipif(
@@ -52,16 +53,10 @@ def test_identical_checkpoints_get_identity_preserving_merges_on_top(twin_source
 
     source, expert, paths = twin_source
     predictor, meta = load_predictor(DEFAULT_PREDICTOR)
-    out = recommend_plans(
-        [expert, f"{expert}-copy"],
-        predictor,
-        source,
-        meta["input_feature_names"],
-        top=3,
-        base="a-base",
-        settings=settings_of(meta),
+    out = Selection(predictor, meta, source).recommend_many(
+        [PlanQuery((expert, f"{expert}-copy"), "a-base")], [3]
     )
-    top = out["plans"][0]
+    top = out[0]["plans"][0]
     merged = merge_state_dict(Plan.from_yaml(top["mergekit_yaml"]), resolve=lambda name: str(paths[name]))
     original = Checkpoint.open(paths[expert])
     for name, tensor in merged.items():

@@ -17,11 +17,19 @@ from typing import Any
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.factories import write_tiny_llama
-from tests.test_service_support import auth, token_settings, wait_for
+from tests.test_service_support import (
+    DATABASES,
+    auth,
+    fresh_database_url,
+    make_family,
+    token_settings,
+    wait_for,
+)
 
 pytest.importorskip("models.api")
 
@@ -104,17 +112,18 @@ def test_recommendation_is_ranked_and_runnable(client: TestClient, synthetic: di
 
 
 def test_feedback_moves_the_next_recommendation(client: TestClient, synthetic: dict[str, Any]) -> None:
+    """Feedback that makes plan #1 worse than plan #2 puts #2 first (exploit, the default), and the
+    response says the bandit ranked it, beside the regressor's own prediction."""
     models = synthetic["names"][:2]
-    ask = {"models": models, "top": 8, "task": "task0"}
-    before = {
-        json.dumps(p["plan"], sort_keys=True): p
-        for p in client.post("/v1/recommendations", json=ask).json()["plans"]
-    }
-    top = next(iter(before.values()))
-    assert "bandit_score" not in top or top["bandit_score"] is None
-    merge = {"name": "fed-back", "plan": top["plan"], "predicted_score": top["predicted_score"]}
-    job = client.post("/v1/merges", json=merge, headers=auth("writer")).json()
-    low = top["predicted_score"] - 0.5
+    ask = {"models": models, "top": 100, "task": "task0"}
+    first = client.post("/v1/recommendations", json=ask).json()
+    assert first["ranked_by"] == "regressor"
+    one, two = first["plans"][0], first["plans"][1]
+    assert one.get("bandit_score") is None
+    job = client.post(
+        "/v1/merges", json={"name": "fed-back", "plan": one["plan"]}, headers=auth("writer")
+    ).json()
+    low = one["predicted_score"] - 0.5
     for _ in range(3):
         sent = client.post(
             "/v1/feedback",
@@ -122,23 +131,42 @@ def test_feedback_moves_the_next_recommendation(client: TestClient, synthetic: d
             headers=auth("writer"),
         )
         assert sent.status_code == 201, sent.text
-    after = {
-        json.dumps(p["plan"], sort_keys=True): p
-        for p in client.post("/v1/recommendations", json=ask).json()["plans"]
-    }
-    same = after[json.dumps(top["plan"], sort_keys=True)]
-    assert same["bandit_score"] is not None and same["bandit_score"] < top["predicted_score"]
-    assert client.get("/v1/jobs/" + job["id"]).json()["status"] in ("queued", "running", "succeeded")
+    after = client.post("/v1/recommendations", json=ask).json()
+    assert after["ranked_by"] == "bandit (exploit)"
+    by_plan = {json.dumps(p["plan"], sort_keys=True): p for p in after["plans"]}
+    same = by_plan[json.dumps(one["plan"], sort_keys=True)]
+    assert same["bandit_score"] < one["predicted_score"] and same["predicted_score"] == one["predicted_score"]
+    assert after["plans"][0]["plan"] != one["plan"]
+    assert after["plans"][0]["bandit_score"] > same["bandit_score"]
+    assert two["plan"] in [p["plan"] for p in after["plans"][:2]]
 
 
-def test_new_arm_reaches_the_bandit(client: TestClient, synthetic: dict[str, Any]) -> None:
+@pytest.mark.parametrize("score", [1e308, -1e6, 11])
+def test_feedback_outside_the_score_range_is_refused(
+    client: TestClient, synthetic: dict[str, Any], score
+) -> None:
+    plans = client.post("/v1/recommendations", json={"models": synthetic["names"][:2]}).json()["plans"]
+    job = client.post(
+        "/v1/merges", json={"name": "m", "plan": plans[0]["plan"]}, headers=auth("writer")
+    ).json()
+    sent = client.post(
+        "/v1/feedback", json={"merge_id": job["id"], "task": "task0", "score": score}, headers=auth("writer")
+    )
+    assert sent.status_code == 422 and "score" in sent.text
+    after = client.post("/v1/recommendations", json={"models": synthetic["names"][:2]}).json()
+    assert after["ranked_by"] == "regressor"  # nothing was learned from it
+
+
+def test_new_arm_is_a_candidate_from_the_next_request(client: TestClient, synthetic: dict[str, Any]) -> None:
     added = client.post(
         "/v1/operators/ties/arms", json={"parameters": {"density": 0.35}}, headers=auth("writer")
     )
     assert added.status_code == 201, added.text
-    state = json.loads((client.app.state.settings.home_dir / "bandit" / "bandit.json").read_text())
-    settings = [info for info in state["arm_info"].values() if info["method"] == "ties"]
-    assert any(info["params"].get("density") == 0.35 for info in settings), settings
+    plans = client.post("/v1/recommendations", json={"models": synthetic["names"][:2], "top": 100}).json()[
+        "plans"
+    ]
+    offered = [p["steps"][-1] for p in plans if p["steps"][-1]["method"] == "ties"]
+    assert any(step["parameters"].get("density") == 0.35 for step in offered), offered
 
 
 def test_catalog_scoring_job_pages_and_plots(client: TestClient, synthetic: dict[str, Any]) -> None:
@@ -193,8 +221,8 @@ def serving_workers(synthetic: dict[str, Any], home: Path, workers: int = 2) -> 
 def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
     synthetic: dict[str, Any], tmp_path: Path
 ) -> None:
-    """`simmerge serve --workers 2`: requests land on either process; concurrent arm additions (each a
-    load-update-save of the bandit's files) are all kept; /metrics counts every worker's requests."""
+    """`simmerge serve --workers 2`: requests land on either process; concurrent arm additions are all
+    kept in the store; /metrics counts every worker's requests."""
     import re
     from concurrent.futures import ThreadPoolExecutor
 
@@ -220,10 +248,9 @@ def test_several_web_workers_share_the_store_the_bandit_and_the_metrics(
                 assert set(pool.map(add, densities)) == {201}
             plans = http.post("/v1/recommendations", json={"models": synthetic["names"][:2], "top": 2})
             assert plans.status_code == 200 and len(plans.json()["plans"]) == 2
+            arms = http.get("/v1/operators/ties/arms").json()
             metrics = http.get("/metrics").text
-    state = json.loads((home / "bandit" / "bandit.json").read_text())
-    kept = {info["params"].get("density") for info in state["arm_info"].values() if info["method"] == "ties"}
-    assert set(densities) <= kept
+    assert set(densities) <= {arm["parameters"].get("density") for arm in arms}
     pattern = r'simmerge_http_requests_total\{method="POST",route="/v1/checkpoints",status="201"\} (\S+)'
     assert sum(float(v) for v in re.findall(pattern, metrics)) == len(bodies), metrics
 
@@ -259,3 +286,83 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_two_servers_on_one_database_take_feedback_concurrently(
+    synthetic: dict[str, Any], tmp_path: Path, kind: str
+) -> None:
+    """Two apps (two servers' worth of state) on one database take 24 feedback posts at once: every one is
+    stored, and both servers' bandits have learned all of them, whichever server took which."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = fresh_database_url(kind, tmp_path)
+    home = tmp_path / "home"
+    shutil.copytree(synthetic["home"], home)
+    settings = ServiceSettings(
+        home=home,
+        database_url=url,
+        catalog_roots=[synthetic["checkpoints"]],
+        tokens=token_settings(),
+        pair_features=synthetic["features"],
+        start_jobs=False,
+    )
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        root = synthetic["checkpoints"]
+        assert (
+            one.post(
+                "/v1/checkpoints", json={"path": str(root / "base"), "name": "base"}, headers=auth("writer")
+            ).status_code
+            == 201
+        )
+        names = synthetic["names"][:3]
+        for name in names:
+            body = {"path": str(root / name), "name": name, "base": "base"}
+            assert two.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+        task = b'{"prompt": "a", "completion": "b"}\n'
+        headers = {**auth("writer"), "Content-Type": "application/x-ndjson"}
+        assert (
+            one.post("/v1/tasks", params={"name": "task0"}, content=task, headers=headers).status_code == 201
+        )
+        plans = one.post("/v1/recommendations", json={"models": names, "top": 2}).json()["plans"]
+        merged = []
+        for i, plan in enumerate(plans):
+            body = {"name": f"m{i}", "plan": plan["plan"]}
+            merged.append(one.post("/v1/merges", json=body, headers=auth("writer")).json()["id"])
+
+        def post(i: int) -> int:
+            client = (one, two)[i % 2]
+            body = {"merge_id": merged[i % len(merged)], "task": "task0", "score": 0.3 + 0.01 * i}
+            return client.post("/v1/feedback", json=body, headers=auth("writer")).status_code
+
+        with ThreadPoolExecutor(6) as pool:
+            assert set(pool.map(post, range(24))) == {201}
+        with one.app.state.store.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM feedback")).scalar() == 24
+        for client in (one, two):
+            ranked = client.post("/v1/recommendations", json={"models": names, "top": 2}).json()
+            assert ranked["ranked_by"] == "bandit (exploit)"
+            assert client.app.state.selector._selection().posterior().pulls == 24
+
+
+def test_a_checkpoint_without_signatures_is_a_409_naming_it(tmp_path: Path) -> None:
+    """The service never computes a signature inside a request: it names the checkpoints and the job."""
+    family = make_family(tmp_path / "zoo")
+    settings = ServiceSettings(
+        home=tmp_path / "home", catalog_roots=[tmp_path / "zoo"], tokens=token_settings(), start_jobs=False
+    )
+    with TestClient(create_app(settings)) as client:
+        assert (
+            client.post(
+                "/v1/checkpoints", json={"path": str(family["base"]), "name": "base"}, headers=auth("writer")
+            ).status_code
+            == 201
+        )
+        for name in ("math", "code"):
+            body = {"path": str(family[name]), "name": name, "base": "base"}
+            assert client.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+        answer = client.post("/v1/recommendations", json={"models": ["math", "code"]})
+        assert answer.status_code == 409, answer.text
+        message = answer.json()["error"]["message"]
+        assert "'code'" in message and "'math'" in message and "/v1/features" in message
+        assert not list((tmp_path / "home").rglob("*.npz"))  # nothing was computed

@@ -87,11 +87,20 @@ class ArmOut(BaseModel):
 
 
 class OperatorOut(BaseModel):
+    """What an operator declares about itself (`MergeOperator.describe`), with its arms."""
+
     name: str
+    description: str = ""
     needs_base: bool
+    accepts_base: bool = True
     min_models: int | None
     max_models: int | None
     elementwise: bool
+    random: bool = False
+    interpolates_inputs: bool = False
+    traits: dict[str, bool] = Field(default_factory=dict, description="what selection describes it by")
+    method_params: list[dict[str, Any]] = Field(default_factory=list, description="with defaults and ranges")
+    model_params: list[dict[str, Any]] = Field(default_factory=list)
     arms: list[ArmOut]
 
 
@@ -121,6 +130,10 @@ class RecommendationIn(BaseModel):
     models: list[Text200] = Field(min_length=2, max_length=64)
     top: int = Field(default=3, ge=1, le=100)
     task: Text200 | None = None
+    mode: Literal["exploit", "explore"] = Field(
+        default="exploit",
+        description="once feedback exists: the bandit's posterior mean (exploit) or its upper bound (explore)",
+    )
 
 
 class RecommendedPlan(BaseModel):
@@ -141,6 +154,7 @@ class RecommendedPlan(BaseModel):
 class RecommendationOut(BaseModel):
     plans: list[RecommendedPlan]
     task: str | None = None
+    ranked_by: str = Field(default="regressor", description="'regressor', or 'bandit (exploit|explore)'")
 
 
 class MergeIn(BaseModel):
@@ -212,7 +226,9 @@ class FeedbackIn(BaseModel):
     )
     checkpoint: Text200 | None = Field(default=None, description="or the merged checkpoint's catalog name")
     task: str = Field(min_length=1, max_length=200)
-    score: float = Field(allow_inf_nan=False)
+    score: float = Field(
+        allow_inf_nan=False, ge=-10, le=10, description="normalised score: 1 is the expert's own on its task"
+    )
 
 
 class FeedbackOut(BaseModel):
