@@ -23,8 +23,8 @@ from models.dataset import SELF_ROW_WEIGHT, Dataset, build_dataset, load_labels
 from models.evaluate import SELECTORS, evaluate_all, fit_selector, markdown_table
 from models.metrics import evaluate_selection, pool_indices
 from models.plans import PlanQuery, search
-from models.table import PlanTable
 from models.synthetic import make_catalog, make_labels
+from models.table import PlanTable
 
 
 def _synthetic_inputs(root: Path):

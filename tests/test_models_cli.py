@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from models.synthetic import make_catalog, make_labels
 from simmerge.cli import cli
-from simmerge.errors import SimMergeError
 from simmerge.plan import Plan
 
 
