@@ -16,6 +16,24 @@ from tests.test_service_support import auth, make_family, token_settings, wait_f
 ray = pytest.importorskip("ray")
 
 
+def test_a_local_ray_started_by_the_backend_holds_no_secret(tmp_path: Path, monkeypatch) -> None:
+    """Before `local_ray`: here the backend starts Ray itself, and a task reads its worker's environment."""
+    import os
+
+    from service.jobs.ray_backend import RayBackend
+
+    secret = "smt_ray-must-not-see-this"
+    monkeypatch.setenv("SIMMERGE_TOKENS", f'{{"ops": {{"token": "{secret}"}}}}')
+    monkeypatch.setenv("SOME_API_KEY", secret)
+    backend = RayBackend(ServiceSettings(home=tmp_path, job_backend="ray", ray_num_gpus=0))
+    try:
+        environ = ray.get(ray.remote(num_cpus=0)(lambda: dict(os.environ)).remote(), timeout=120)
+    finally:
+        backend.shutdown()
+    assert "PATH" in environ and secret not in str(environ) and "SIMMERGE_TOKENS" not in environ
+    assert os.environ["SIMMERGE_TOKENS"]  # the server's own environment is given back
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)

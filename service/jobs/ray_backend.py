@@ -3,16 +3,20 @@
 The task runs the same `run_job` as the local worker, so the job row stays the truth; Ray's own
 retries are off (max_retries=0) because the dispatcher retries, counting attempts in the row.
 The settings (tokens excluded) travel as the task's argument, not in an environment variable; a
-local Ray started here inherits the server's environment, from which `simmerge serve` has removed
-the secrets (`service.cli`).
+local Ray started here is started without the server's `SIMMERGE_*` and secret-looking variables,
+so its processes, and the workers they start, never hold them.
 Install with the `ray` extra (`pip install 'simmerge[ray]'`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from service.api.errors import UnavailableError
+from service.jobs.local import SECRET_WORDS
 from service.settings import ServiceSettings
 
 
@@ -58,7 +62,8 @@ class RayBackend:
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
-            ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
+            with _secrets_hidden():
+                ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False)
             self._owns_ray = True
         self._settings_json = settings.worker_json()
         self._remote = ray.remote(
@@ -71,3 +76,14 @@ class RayBackend:
     def shutdown(self) -> None:
         if self._owns_ray:
             self._ray.shutdown()
+
+
+@contextmanager
+def _secrets_hidden() -> Iterator[None]:
+    """Start Ray without the secrets in the environment its processes inherit; put them back after."""
+    names = [n for n in os.environ if n.startswith("SIMMERGE_") or any(w in n.upper() for w in SECRET_WORDS)]
+    hidden = {name: os.environ.pop(name) for name in names}
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
