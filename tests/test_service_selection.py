@@ -169,6 +169,11 @@ def test_new_arm_is_a_candidate_from_the_next_request(client: TestClient, synthe
     assert any(step["parameters"].get("density") == 0.35 for step in offered), offered
 
 
+def test_catalog_scoring_names_an_unknown_method(client: TestClient, synthetic: dict[str, Any]) -> None:
+    answer = client.post("/v1/scoring", json={"methods": ["frob"]}, headers=auth("writer"))
+    assert answer.status_code == 400 and "'frob'" in answer.json()["error"]["message"]
+
+
 def test_catalog_scoring_job_pages_and_plots(client: TestClient, synthetic: dict[str, Any]) -> None:
     models = synthetic["names"][:4]
     job = client.post("/v1/scoring", json={"models": models}, headers=auth("writer")).json()

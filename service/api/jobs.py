@@ -180,8 +180,13 @@ def submit_scoring(
     _: Annotated[str, Depends(require_scope("write"))],
     idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
-    """Score every candidate merge of the catalog (or of `models`) with the learned selector."""
+    """Score every candidate merge of the catalog (or of `models`) with the learned selector; `methods`
+    keeps those operator families (each must be registered: an unknown one is a 400 naming it)."""
     _check_models(body.models, catalog)
+    from simmerge.operators import get_operator
+
+    for method in body.methods or []:
+        get_operator(method)
     return _submit("scoring", body.model_dump(exclude_none=True), store, settings, jobs, idempotency_key)
 
 
