@@ -88,16 +88,22 @@ class Posterior:
         return np.concatenate([crossed, np.asarray(priors, dtype=np.float64).reshape(n, 1)], axis=1)
 
     def extend(self, rows: np.ndarray, priors: np.ndarray, scores: np.ndarray) -> None:
-        """Fold in measured scores (Sherman–Morrison, O(d²) each); a non-finite result is refused and
-        the posterior stays as it was."""
+        """Fold in measured scores; a non-finite result is refused and the posterior stays as it was."""
+        self.A_inv, self.b = self.updated(rows, priors, scores)
+        self.pulls += len(rows)
+
+    def updated(
+        self, rows: np.ndarray, priors: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(A⁻¹, b) after these scores (Sherman–Morrison, O(d²) each), leaving this posterior unchanged;
+        SimMergeError if the state would not be finite (what `extend` and a feedback check share)."""
         phi = self.features(rows, priors)
         A_inv, b = self.A_inv.copy(), self.b.copy()
         with np.errstate(over="ignore", invalid="ignore"):
             self._fold(phi, np.asarray(scores, dtype=np.float64), A_inv, b)
         if not (np.isfinite(A_inv).all() and np.isfinite(b).all()):
             raise SimMergeError("the bandit's update would store a non-finite state; the feedback is refused")
-        self.A_inv, self.b = A_inv, b
-        self.pulls += len(phi)
+        return A_inv, b
 
     def mark_seen(self, ids: Iterable[int]) -> None:
         """Record feedback ids as folded in; the low-water mark moves over every id that is contiguous."""

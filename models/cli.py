@@ -13,13 +13,17 @@ import click
 
 from simmerge.cli import Context, home_option, pass_context
 
-_FILE = click.Path(dir_okay=False, path_type=Path)
-_DIR = click.Path(file_okay=False, path_type=Path)
-_pair_features_option = click.option(
+# Shared with the commands over the store (`service.cli_selection`).
+FILE = click.Path(dir_okay=False, path_type=Path)
+DIR = click.Path(file_okay=False, path_type=Path)
+pair_features_option = click.option(
     "--pair-features",
-    type=_FILE,
+    type=FILE,
     default=None,
     help="Table of precomputed pair features (model_a, model_b, feature columns) instead of the home's signatures.",
+)
+predictor_option = click.option(
+    "--predictor", type=DIR, default=None, help="Predictor directory [default: HOME/predictor, else shipped]."
 )
 
 
@@ -35,12 +39,10 @@ def _schema_version(source) -> str:
 
 @click.command("train")
 @home_option
-@click.option("--labels", type=_FILE, required=True, help="Labels file from `simmerge label` (Parquet).")
-@click.option(
-    "--zoo", type=_DIR, default=None, help="Zoo the labels were made on (names → checkpoint paths)."
-)
-@_pair_features_option
-@click.option("--out", type=_DIR, default=None, help="Output directory [default: HOME/predictor].")
+@click.option("--labels", type=FILE, required=True, help="Labels file from `simmerge label` (Parquet).")
+@click.option("--zoo", type=DIR, default=None, help="Zoo the labels were made on (names → checkpoint paths).")
+@pair_features_option
+@click.option("--out", type=DIR, default=None, help="Output directory [default: HOME/predictor].")
 @click.option("--target", type=click.Choice(["held_in", "held_out"]), default="held_in", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @pass_context
@@ -75,15 +77,15 @@ def train(
 
 @click.command("evaluate-selector")
 @home_option
-@click.option("--labels", type=_FILE, required=True, help="Training labels.")
+@click.option("--labels", type=FILE, required=True, help="Training labels.")
 @click.option(
-    "--holdout-labels", type=_FILE, default=None, help="Labels of another catalog (other seed, tasks)."
+    "--holdout-labels", type=FILE, default=None, help="Labels of another catalog (other seed, tasks)."
 )
-@click.option("--zoo", type=_DIR, default=None, help="Zoo of --labels (tasks per checkpoint, paths).")
-@click.option("--holdout-zoo", type=_DIR, default=None, help="Zoo of --holdout-labels.")
-@_pair_features_option
+@click.option("--zoo", type=DIR, default=None, help="Zoo of --labels (tasks per checkpoint, paths).")
+@click.option("--holdout-zoo", type=DIR, default=None, help="Zoo of --holdout-labels.")
+@pair_features_option
 @click.option(
-    "--holdout-pair-features", type=_FILE, default=None, help="Pair-feature table of the held-out catalog."
+    "--holdout-pair-features", type=FILE, default=None, help="Pair-feature table of the held-out catalog."
 )
 @click.option("--target", type=click.Choice(["held_in", "held_out"]), default="held_in", show_default=True)
 @click.option("--folds", type=int, default=5, show_default=True)

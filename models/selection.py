@@ -105,9 +105,7 @@ class Selection:
         score = check_score(score)
         candidate = feedback_candidate(plan)
         rows, prior, _ = self.table.score(self.selector, [candidate])
-        trial = Posterior.for_columns(self.table.columns)
-        trial.A_inv, trial.b = self.posterior().A_inv.copy(), self.posterior().b.copy()
-        trial.extend(rows, prior, np.asarray([score]))
+        self.posterior().updated(rows, prior, np.asarray([score]))
 
     # -- recommendations ----------------------------------------------------------------------
     def recommend_many(

@@ -16,23 +16,9 @@ from typing import Any
 
 import click
 
+from models.cli import FILE, pair_features_option, predictor_option
 from simmerge.cli import Context, home_option, pass_context
 from simmerge.errors import NotFoundError, SimMergeError
-
-_FILE = click.Path(dir_okay=False, path_type=Path)
-_DIR = click.Path(file_okay=False, path_type=Path)
-_pair_features_option = click.option(
-    "--pair-features",
-    type=_FILE,
-    default=None,
-    help="Table of precomputed pair features (model_a, model_b, feature columns) instead of the home's signatures.",
-)
-_predictor_option = click.option(
-    "--predictor",
-    type=_DIR,
-    default=None,
-    help="Predictor directory [default: HOME/predictor, else shipped].",
-)
 
 
 @contextmanager
@@ -71,8 +57,8 @@ def home_selection(
     show_default=True,
     help="Once feedback exists: the bandit's posterior mean, or its upper confidence bound.",
 )
-@_pair_features_option
-@_predictor_option
+@pair_features_option
+@predictor_option
 @click.option("--json", "as_json", is_flag=True, help='Print {"plans": [...]} as JSON.')
 @pass_context
 def recommend(
@@ -119,9 +105,9 @@ def recommend(
 
 @click.command("score-catalog")
 @home_option
-@click.option("--out", type=_FILE, default=None, help="Write the table to FILE.parquet or FILE.csv.")
+@click.option("--out", type=FILE, default=None, help="Write the table to FILE.parquet or FILE.csv.")
 @click.option(
-    "--plot", type=_FILE, default=None, help="Write a heatmap of the best predicted merge per pair (PNG)."
+    "--plot", type=FILE, default=None, help="Write a heatmap of the best predicted merge per pair (PNG)."
 )
 @click.option(
     "--models", multiple=True, help="Score only these checkpoints [default: every expert in the catalog]."
@@ -129,8 +115,8 @@ def recommend(
 @click.option(
     "--methods", multiple=True, help="Score only these operator families [default: every one offered]."
 )
-@_pair_features_option
-@_predictor_option
+@pair_features_option
+@predictor_option
 @pass_context
 def score_catalog(
     ctx: Context,
@@ -175,8 +161,8 @@ def score_catalog(
 )
 @click.option("--task", required=True, help="The task the score was measured on.")
 @click.option("--score", type=float, required=True, help="The normalised score (1: the expert's own).")
-@_pair_features_option
-@_predictor_option
+@pair_features_option
+@predictor_option
 @pass_context
 def feedback(
     ctx: Context, plan_file: Path, task: str, score: float, pair_features: Path | None, predictor: Path | None
