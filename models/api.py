@@ -112,13 +112,26 @@ def home_source(
     compute_missing: bool = True,
 ) -> PairFeatureSource:
     """A pair-feature table if given, else the features package over the home's cached signatures
-    (checkpoint paths from a zoo's manifest or the caller's catalog)."""
+    (checkpoint paths from a zoo's manifest, the caller's catalog, else the home's SQLite catalog)."""
     from models.sources import FeaturesPackageSource, TablePairSource, zoo_paths
 
     if pair_features is not None:
         return TablePairSource.read(pair_features)
-    known = zoo_paths(zoo) if zoo is not None else dict(paths or {})
-    return FeaturesPackageSource(home, known, compute_missing=compute_missing)
+    if zoo is not None:
+        paths = zoo_paths(zoo)
+    elif paths is None:
+        paths = _catalog_paths(home)
+    return FeaturesPackageSource(home, paths, compute_missing=compute_missing)
+
+
+def _catalog_paths(home: Path) -> dict[str, Path]:
+    """Name → directory of the checkpoints in the home's own SQLite catalog (none without one)."""
+    from simmerge.catalog import Catalog
+
+    if not (Path(home) / "simmerge.db").exists():
+        return {}
+    with Catalog.open(home) as catalog:
+        return {e.name: e.path for e in catalog.list()}
 
 
 # -- what the service and the CLI call ----------------------------------------------------------------
