@@ -1,9 +1,10 @@
 """Request body limit, in front of everything: a body over the limit is refused with 413 before any
-route (or the recommendation fast path) buffers it.
+route buffers it.
 
 A declared `Content-Length` over the limit is answered at once, unread; a chunked body is counted as
-it is received and the read that crosses the limit raises `BodyTooLargeError`, which FastAPI passes
-on (an HTTPException) to its handler and which this middleware answers when it reaches it.
+it is received and the read that crosses the limit raises `BodyTooLargeError`, an HTTPException:
+FastAPI's handler answers it inside a route, and `UnhandledErrors` (inside this middleware) answers
+it anywhere else, both with the 413 envelope.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class BodyLimit:
             await _refuse(BodyTooLargeError(limit), scope, receive, send)
             return
         received = 0
-        started = False
 
         async def counted() -> Message:
             nonlocal received
@@ -53,17 +53,7 @@ class BodyLimit:
                     raise BodyTooLargeError(limit)
             return message
 
-        async def observed(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, observed)
-        except BodyTooLargeError as exc:
-            if started:
-                raise
-            await _refuse(exc, scope, receive, send)
+        await self.app(scope, counted, send)
 
 
 def _content_length(scope: Scope) -> int | None:
