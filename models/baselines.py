@@ -1,7 +1,7 @@
 """Baselines the predictor must beat, behind the same `fit` / `predict -> (mean, uncertainty)` interface.
 
 - best fixed operator: each row gets its operator setting's mean training score, so within a pool the
-  setting with the best training average wins wherever it is available (brief §4);
+  setting with the best training average wins wherever it is available (docs/design.md §4);
 - random: seeded uniform scores (what choosing blindly gives);
 - L1 linear: Lasso on standardised features (the Mergeability-Bench style model), stored as JSON.
 """

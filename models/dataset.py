@@ -1,8 +1,9 @@
 """Labels + pairwise features → the predictor's training matrix.
 
-A row is one labelled plan. Its features are the operator descriptor (`descriptors.py`) followed by
-the pairwise features of its member checkpoints aggregated over every member pair (mean, min, max),
-so a 2-way, k-way or fold plan all map to the same columns. A *pool* is every plan over the same set
+A row is one labelled plan, described by the plan table (`models.table`) exactly as a recommendation
+describes it: the operator descriptor followed by the pairwise features of its member checkpoints
+aggregated over every member pair (mean, min, max), so a 2-way, k-way or fold plan all map to the
+same columns. A *pool* is every plan over the same set
 of checkpoints: selection picks one plan per pool.
 """
 

@@ -150,7 +150,7 @@ COLUMNS = (
 
 
 def markdown_table(results: Mapping[str, Mapping[str, SelectionReport]]) -> str:
-    """One row per (protocol, selector), columns as in brief §4."""
+    """One row per (protocol, selector), columns as in docs/design.md §4."""
     head = "| protocol | selector | pools | " + " | ".join(c for c, _ in COLUMNS) + " |"
     rule = "|" + "---|" * (3 + len(COLUMNS))
     lines = [head, rule]

@@ -1,4 +1,4 @@
-"""Selection measures (brief §4), computed per pool of candidate plans with measured scores.
+"""Selection measures (docs/design.md §4), computed per pool of candidate plans with measured scores.
 
 A selector picks, in each pool, the plan it predicts best (ties broken by the earlier row). Gap closed
 takes its means over pools before dividing, because a per-pool ratio explodes where oracle and best

@@ -116,7 +116,7 @@ def register_zoo(client: Client, zoo: Path, manifest: dict[str, Any]) -> None:
 
 
 def score_merged(zoo: Path, merged_path: Path, experts: list[dict[str, Any]]) -> dict[str, float]:
-    """Raw and normalised (merged / expert, brief §4) scores on the merged experts' own tasks."""
+    """Raw and normalised (merged / expert, docs/design.md §4) scores on the merged experts' own tasks."""
     from simmerge.evaluation import evaluate_checkpoint, load_tasks
 
     tasks = sorted({t for e in experts for t in e["tasks"]})
