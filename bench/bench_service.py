@@ -76,7 +76,7 @@ def selector_cost_ms(
 
     CPU counts every thread of the process, so a call that fans out to a thread pool shows it here."""
     from service.adapters import ModelsSelector, RecommendationQuery
-    from simmerge.catalog import Catalog
+    from service.store import open_store
 
     rng = random.Random(7)
 
@@ -86,8 +86,9 @@ def selector_cost_ms(
             for _ in range(batch)
         ]
 
-    with Catalog.open(home) as catalog:
-        selector = ModelsSelector(home, catalog, pair_table)
+    store = open_store(home)
+    try:
+        selector = ModelsSelector(home, store.catalog(), store, pair_table)
         selector.recommend_many(queries())
         walls, cpus = [], []
         for _ in range(samples):
@@ -96,6 +97,8 @@ def selector_cost_ms(
             selector.recommend_many(batch_queries)
             walls.append((time.perf_counter() - started) * 1000 / batch)
             cpus.append((time.process_time() - cpu_started) * 1000 / batch)
+    finally:
+        store.dispose()
     return statistics.median(walls), statistics.median(cpus)
 
 

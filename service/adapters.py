@@ -234,6 +234,9 @@ class ModelsRunners:
         entries = [catalog.get(n) for n in request["models"]] if request.get("models") else catalog.list()
         bases = {e.base for e in entries if e.base} - {e.name for e in entries}
         entries += [catalog.get(b) for b in sorted(bases)]
+        from service.roots import check_registered_within_roots
+
+        check_registered_within_roots(catalog, [e.name for e in entries], settings)
         probes = None
         if request.get("probes"):  # an uploaded task: its prompts are the probe texts
             task = next(t for t in catalog.tasks() if t.name == request["probes"])

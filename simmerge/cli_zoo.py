@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from simmerge.cli import home_option
+from simmerge.cli import Context, home_option, pass_context
 
 
 @click.group(name="zoo")
@@ -32,15 +32,33 @@ def zoo() -> None:
 @click.option("--force", is_flag=True, help="Replace a directory that holds something else.")
 @click.option("--no-progress", is_flag=True, help="Hide the per-run progress bars.")
 @home_option
+@pass_context
 def build(
-    directory: Path, size: str, seed: int, tasks: str | None, threads: int, force: bool, no_progress: bool
+    ctx: Context,
+    directory: Path,
+    size: str,
+    seed: int,
+    tasks: str | None,
+    threads: int,
+    force: bool,
+    no_progress: bool,
 ) -> None:
     """Build the zoo into DIRECTORY (instant when the same zoo is already there)."""
+    from simmerge.resolve import registered_paths
     from simmerge.zoo import build_zoo, read_catalog
 
     subset = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     started = time.perf_counter()
-    root = build_zoo(directory, size, seed, subset, force=force, progress=not no_progress, threads=threads)
+    root = build_zoo(
+        directory,
+        size,
+        seed,
+        subset,
+        force=force,
+        progress=not no_progress,
+        threads=threads,
+        protected=registered_paths(ctx.home),
+    )
     catalog = read_catalog(root)
     experts = sum(1 for c in catalog["checkpoints"] if c["role"] == "expert")
     click.echo(

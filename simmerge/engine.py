@@ -233,15 +233,18 @@ def run_merge(
     return MergeReport(out_path, len(layout), bytes_read, writer.bytes_written, time.perf_counter() - started)
 
 
-def check_output_path(out_dir: Path, inputs: Iterable[Path], protected: Iterable[Path] = ()) -> None:
-    """Refuse an output that is, contains or lies inside an input or a protected checkpoint."""
+def check_output_path(
+    out_dir: Path, inputs: Iterable[Path], protected: Iterable[Path] = (), *, choose: str = "--out"
+) -> None:
+    """Refuse an output that is, contains or lies inside an input or a protected checkpoint; the error
+    names both and what to change (`choose`: the option or field that sets the output)."""
     out = out_dir.expanduser().resolve()
     for kind, paths in (("an input of this merge", inputs), ("a registered checkpoint", protected)):
         for path in paths:
             other = Path(path).expanduser().resolve()
             if out == other or out in other.parents or other in out.parents:
                 relation = "is" if out == other else ("contains" if out in other.parents else "lies inside")
-                raise SimMergeError(f"output {out_dir} {relation} {other}, {kind}; choose another --out")
+                raise SimMergeError(f"output {out_dir} {relation} {other}, {kind}; choose another {choose}")
 
 
 def _output_tensor(reference: Checkpoint, name: str, dtype_name: str | None) -> OutputTensor:

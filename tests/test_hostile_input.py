@@ -279,6 +279,19 @@ def test_overwrite_never_replaces_an_input_or_a_registered_checkpoint(
     assert not list(tmp_path.glob(".*partial*")) and not (a / "inside").exists()
 
 
+def test_zoo_build_force_never_replaces_a_registered_checkpoint(
+    tmp_path: Path, family: dict[str, Path], cli: Callable[..., tuple[int, str]]
+) -> None:
+    zoo = tmp_path / "zoo"
+    kept = copy_checkpoint(family["base"], zoo / "kept")
+    assert cli("catalog", "add", kept)[0] == 0
+    before = Checkpoint.open(kept).content_hash()
+    assert_one_line_error(cli("zoo", "build", zoo, "--force", "--no-progress"), "contains", kept, "DIRECTORY")
+    assert Checkpoint.open(kept).content_hash() == before and sorted(p.name for p in zoo.iterdir()) == [
+        "kept"
+    ]
+
+
 # ---- plans -----------------------------------------------------------------------------------------
 def chain(*steps: tuple[str, list[str]]) -> str:
     docs = [

@@ -347,6 +347,56 @@ def test_features_job_fills_the_signature_cache(make_settings, ci_zoo: Path) -> 
         assert len(plans) == 2 and all(set(p["models"]) <= set(names) for p in plans)
 
 
+def test_a_merge_never_replaces_a_checkpoint_registered_under_its_output(make_settings, family) -> None:
+    """merges/ is a registration root. Submission refuses a name whose directory exists; one registered
+    there after the job was queued is not an abandoned output to clear either: the merge fails at once,
+    naming it, and the checkpoint stays whole."""
+    queued_only = make_settings(start_jobs=False)
+    victim = queued_only.merges_dir / "soup"
+    with TestClient(create_app(queued_only)) as client:
+        register_family(client, family)
+        submitted = submit_merge(client, "soup")
+        shutil.copytree(family["code"], victim)
+        body = {"path": str(victim), "name": "kept", "base": "base"}
+        assert client.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+    before = Checkpoint.open(victim).content_hash()
+    with TestClient(create_app(make_settings())) as client:
+        done = wait_for(lambda: finished(client, submitted["id"]))
+        assert done["status"] == "failed" and done["attempts"] == 1
+        assert "a registered checkpoint" in done["error"] and str(victim.resolve()) in done["error"]
+    assert Checkpoint.open(victim).content_hash() == before
+
+
+def test_a_file_swapped_for_a_symlink_after_registration_is_refused_by_the_merge(
+    make_settings, family, tmp_path: Path
+) -> None:
+    """Roots are checked whenever a job reads a checkpoint, not only when it was registered."""
+    settings = make_settings()
+    swapped = family["base"].parent / f"swapped-{tmp_path.name}"
+    shutil.copytree(family["math"], swapped)
+    outside = tmp_path / "outside"
+    shutil.copytree(family["code"], outside)
+    try:
+        with TestClient(create_app(settings)) as client:
+            register_family(client, family)
+            body = {"path": str(swapped), "name": "swapped", "base": "base"}
+            assert client.post("/v1/checkpoints", json=body, headers=auth("writer")).status_code == 201
+            (swapped / "model.safetensors").unlink()
+            (swapped / "model.safetensors").symlink_to(outside / "model.safetensors")
+            models = [{"model": m, "parameters": {"weight": 1.0}} for m in ("math", "swapped")]
+            plan = {"steps": [{"merge_method": "linear", "models": models}]}
+            submitted = client.post(
+                "/v1/merges", json={"name": "mixed", "plan": plan}, headers=auth("writer")
+            )
+            assert submitted.status_code == 202, submitted.text
+            done = wait_for(lambda: finished(client, submitted.json()["id"]))
+            assert done["status"] == "failed" and done["attempts"] == 1
+            assert "outside the catalog roots" in done["error"] and "model.safetensors" in done["error"]
+            assert not (settings.merges_dir / "mixed").exists()
+    finally:
+        shutil.rmtree(swapped)
+
+
 def test_a_deterministic_failure_fails_once_with_its_cause(make_settings, family) -> None:
     """Not a SimMergeError, but not transient either: one attempt, and the row says why."""
     settings = make_settings(job_runners="tests.test_service_fakes:BROKEN_RUNNERS", max_job_attempts=3)

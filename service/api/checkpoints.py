@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
@@ -10,40 +9,12 @@ from fastapi import APIRouter, Depends, Response
 from service.api.deps import Paging, get_catalog, get_settings
 from service.api.schemas import CheckpointIn, CheckpointOut, CheckpointPage
 from service.auth import require_scope
+from service.roots import allowed_path, check_files_within_roots
 from service.settings import ServiceSettings
 from simmerge.catalog import Catalog
 from simmerge.checkpoint import Checkpoint
-from simmerge.errors import SimMergeError
-from simmerge.paths import checked_path
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
-
-
-class PathNotAllowedError(SimMergeError):
-    """The path lies outside every configured catalog root."""
-
-
-def allowed_path(raw: str, settings: ServiceSettings) -> Path:
-    """Resolve symlinks and `..` first, so nothing escapes the roots by spelling."""
-    path = Path(checked_path(raw, "checkpoint path")).expanduser()
-    if not path.is_absolute():
-        raise PathNotAllowedError(f"checkpoint path {raw!r} must be absolute")
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root) for root in settings.allowed_roots):
-        roots = ", ".join(str(r) for r in settings.allowed_roots)
-        raise PathNotAllowedError(f"checkpoint path {raw!r} is outside the catalog roots ({roots})")
-    return resolved
-
-
-def check_files_within_roots(checkpoint: Checkpoint, settings: ServiceSettings) -> None:
-    """Every file the checkpoint reads, resolved, must lie under a root: a directory inside the roots
-    may still hold a symlinked shard or tokenizer that points anywhere."""
-    for file in checkpoint.files():
-        resolved = file.resolve()
-        if not any(resolved.is_relative_to(root) for root in settings.allowed_roots):
-            raise PathNotAllowedError(
-                f"checkpoint file {str(file)!r} resolves to {str(resolved)!r}, outside the catalog roots"
-            )
 
 
 @router.get("", response_model=CheckpointPage)

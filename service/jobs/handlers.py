@@ -64,7 +64,8 @@ def _already_done(catalog: Catalog, name: str, final: Path, job_id: str) -> dict
 
 
 def run_merge_job(ctx: JobContext) -> dict[str, Any]:
-    from simmerge.engine import run_merge
+    from service.roots import check_registered_within_roots
+    from simmerge.engine import check_output_path, run_merge
 
     plan = load_plan(ctx.request)
     name = ctx.request["name"]
@@ -73,6 +74,10 @@ def run_merge_job(ctx: JobContext) -> dict[str, Any]:
     done = _already_done(catalog, name, final, ctx.job_id)
     if done is not None:
         return done
+    # merges/ is a registration root: the output may never be, hold or lie inside a registered
+    # checkpoint (the engine's own rule for an output), whatever name it was registered under
+    check_output_path(final, (), [entry.path for entry in catalog.list()], choose="'name'")
+    check_registered_within_roots(catalog, plan.checkpoints(), ctx.settings)
     if final.exists():  # renamed into place by a killed attempt, never registered: not trusted
         shutil.rmtree(final)
     staging = ctx.fresh_scratch() / "model"

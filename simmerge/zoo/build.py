@@ -14,11 +14,12 @@ import copy
 import fcntl
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from simmerge.engine import check_output_path
 from simmerge.errors import ConflictError, SimMergeError
 from simmerge.evaluation import quiet_hf_progress
 from simmerge.writer import staged_directory
@@ -165,11 +166,13 @@ def build_zoo(
     force: bool = False,
     progress: bool = True,
     threads: int = 1,
+    protected: Iterable[Path] = (),
 ) -> Path:
     """Build (or find already built) the zoo in `root`; returns `root`.
 
     A directory already holding this very zoo (same version, size, seed and tasks) is returned at
-    once; one holding anything else is an error unless `force`, which replaces it.
+    once; one holding anything else is an error unless `force`, which replaces it, and never when it
+    is, holds or lies inside a `protected` (registered) checkpoint.
     """
     root = Path(root).expanduser().resolve()
     recipe = recipe_for(size)
@@ -184,6 +187,7 @@ def build_zoo(
             found = _stamp(root)
             what = f"a different zoo ({found})" if found else "files that are not a zoo"
             raise ConflictError(f"{root} already holds {what}; pass --force to replace it")
+        check_output_path(root, (), protected, choose="DIRECTORY")
         with staged_directory(root, overwrite=True) as staging, _torch_threads(threads), quiet_hf_progress():
             _build_into(staging, recipe, key, progress)
     return root
