@@ -69,10 +69,11 @@ def build_home(root: Path, n_checkpoints: int = 100) -> tuple[Path, Path, list[s
 
 
 def selector_cost_ms(
-    home: Path, pair_table: Path, names: list[str], samples: int = 30, batch: int = 1
+    home: Path, pair_table: Path, names: list[str], samples: int = 30, batch: int = 1, compiled: bool = True
 ) -> tuple[float, float]:
     """Median in-process (wall, CPU) ms per recommendation by the selector alone (no HTTP, no queue),
-    `batch` requests to a call (the service batches the requests that arrive together).
+    `batch` requests to a call (the service batches the requests that arrive together); `compiled=False`
+    drops the compiled trees so LightGBM predicts and explains (what `models.compiled_trees` buys).
 
     CPU counts every thread of the process, so a call that fans out to a thread pool shows it here."""
     from service.adapters import ModelsSelector, RecommendationQuery
@@ -90,6 +91,8 @@ def selector_cost_ms(
     try:
         selector = ModelsSelector(home, store.catalog(), store, pair_table)
         selector.recommend_many(queries())
+        if not compiled:  # the predictor falls back to LightGBM where it holds no compiled trees
+            selector._selection().selector._compiled.clear()
         walls, cpus = [], []
         for _ in range(samples):
             batch_queries = queries()
@@ -288,6 +291,7 @@ def main() -> None:
                 server.wait(timeout=30)
         cost, cpu = selector_cost_ms(home, pair_table, names)
         batched_cost, batched_cpu = selector_cost_ms(home, pair_table, names, batch=16)
+        plain_cost, _ = selector_cost_ms(home, pair_table, names, batch=16, compiled=False)
         floor = empty_request_ms(home, pair_table)
     rows = [
         f"| {r['workers']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | {r['p99']:.1f} "
@@ -320,7 +324,8 @@ def main() -> None:
             f"empty request (`GET /healthz`) {floor:.1f} ms. The selector alone (plan search over the operator "
             f"settings with the compiled mean and quantile boosters, SHAP drivers and mergekit YAML for the "
             f"returned plans, no HTTP) takes {cost:.2f} ms wall, {cpu:.2f} ms CPU for one request, and "
-            f"{batched_cost:.2f} ms wall, {batched_cpu:.2f} ms CPU per request in calls of 16. Requests that "
+            f"{batched_cost:.2f} ms wall, {batched_cpu:.2f} ms CPU per request in calls of 16 ({plain_cost:.2f} ms "
+            "wall with LightGBM's own predict and pred_contrib instead of the compiled trees). Requests that "
             "arrive together share one catalog lookup and one selector call (`service.batching`; the "
             "column 'requests per selector call' is from the service's batch-size histogram). The route adds "
             "FastAPI's request handling and the JSON. The load generator is a lean asyncio client "
